@@ -1,0 +1,18 @@
+"""hf_dino: DINO self-supervised pretraining of vision transformers on the Hugging Face stack."""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_dino import DinoConfig, build_backbone_config
+from .loss import DinoLoss, DinoLossOutput
+from .modeling_dino import DinoHead, DinoModel, DinoModelOutput
+from .recipe import DinoRecipe, parse_recipe
+from .transforms import MultiCropAugmentation, evaluation_transform
+
+AutoConfig.register(DinoConfig.model_type, DinoConfig, exist_ok=True)
+AutoModel.register(DinoConfig, DinoModel, exist_ok=True)
+
+__version__ = "0.1.0"
+__all__ = [
+    "DinoConfig", "DinoHead", "DinoLoss", "DinoLossOutput", "DinoModel", "DinoModelOutput", "DinoRecipe",
+    "MultiCropAugmentation", "build_backbone_config", "evaluation_transform", "parse_recipe",
+]

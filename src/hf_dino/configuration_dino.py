@@ -1,0 +1,98 @@
+"""`DinoConfig`: the configuration of a DINO network (backbone + projection head).
+
+The backbone is any transformers vision model config (`ViTConfig` or `ResNetConfig`); the head
+hyper-parameters follow Caron et al. 2021, Sec. 3.1 / Appendix (3-layer MLP, hidden 2048,
+bottleneck 256, weight-normalised last layer of `out_dim` prototypes).
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig, ResNetConfig, ViTConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# Reference ViT dimensions (facebookresearch/dino vision_transformer.py, DeiT sizes).
+VIT_PRESETS: dict[str, dict[str, int]] = {
+    "vit_tiny": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3},
+    "vit_small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6},
+    "vit_base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
+}
+VIT_MLP_RATIO = 4
+VIT_LAYER_NORM_EPS = 1e-6  # the reference's nn.LayerNorm(eps=1e-6); transformers defaults to 1e-12
+RESNET_ARCHS = ("resnet50",)
+SUPPORTED_ARCHS = (*VIT_PRESETS, *RESNET_ARCHS)
+
+
+def build_backbone_config(
+    arch: str,
+    patch_size: int = 16,
+    image_size: int = 224,
+    *,
+    num_hidden_layers: int | None = None,
+) -> ViTConfig | ResNetConfig:
+    """Return the transformers config of a named backbone preset.
+
+    Args:
+        arch: one of `SUPPORTED_ARCHS`.
+        patch_size: ViT patch size in pixels (8 or 16 in the paper; any divisor of `image_size`).
+        image_size: the global-crop resolution; other resolutions use `interpolate_pos_encoding`.
+        num_hidden_layers: override the preset depth (small CPU demos); `None` keeps the preset.
+    """
+    if arch in VIT_PRESETS:
+        dims = dict(VIT_PRESETS[arch])
+        if num_hidden_layers is not None:
+            dims["num_hidden_layers"] = num_hidden_layers
+        return ViTConfig(
+            **dims,
+            intermediate_size=VIT_MLP_RATIO * dims["hidden_size"],
+            hidden_act="gelu",
+            layer_norm_eps=VIT_LAYER_NORM_EPS,
+            qkv_bias=True,
+            image_size=image_size,
+            patch_size=patch_size,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    if arch == "resnet50":
+        return ResNetConfig(
+            embedding_size=64,
+            hidden_sizes=[256, 512, 1024, 2048],
+            depths=[3, 4, 6, 3],
+            layer_type="bottleneck",
+            hidden_act="relu",
+        )
+    raise ValueError(f"Unknown arch {arch!r}; choose one of {', '.join(SUPPORTED_ARCHS)}.")
+
+
+class DinoConfig(PreTrainedConfig):
+    r"""Configuration of [`DinoModel`]: a backbone and the DINO projection head.
+
+    Args:
+        backbone_config: config of the backbone (`ViTConfig` or `ResNetConfig`, or its dict).
+        out_dim: number of prototypes K of the last head layer (65536 in the paper).
+        head_hidden_dim: width of the two hidden MLP layers (2048).
+        head_bottleneck_dim: dimension of the L2-normalised bottleneck (256).
+        head_num_layers: number of MLP layers before the bottleneck (3).
+        use_bn_in_head: batch norm after each hidden MLP layer (the ResNet-50 recipe).
+        norm_last_layer: fix the weight-norm gain of the last layer to 1 (stabilises ViT training).
+        drop_path_rate: stochastic depth of the ViT blocks during training (0.1 for the student).
+    """
+
+    model_type = "hf_dino"
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="vit")}
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    out_dim: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_num_layers: int = 3
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True
+    drop_path_rate: float = 0.0
+    initializer_range: float = 0.02
+
+    @property
+    def backbone_feature_dim(self) -> int:
+        """Width of the feature the head receives: ViT CLS token or ResNet pooled output."""
+        if self.backbone_config.model_type == "resnet":
+            return self.backbone_config.hidden_sizes[-1]
+        return self.backbone_config.hidden_size

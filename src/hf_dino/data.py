@@ -1,0 +1,190 @@
+"""Image datasets for pretraining and evaluation, read with 🤗 datasets.
+
+`--dataset_name` may be a Hub id, a local directory (image folder, or parquet/arrow files
+named by split), or a file glob. Images are decoded here rather than by `datasets`, so a
+corrupt file is skipped and counted instead of crashing a worker.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import io
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+logger = logging.getLogger(__name__)
+
+DEMO_DATASET_DIR = Path(__file__).parent / "demo_data" / "cifar10"
+FALLBACK_VAL_SPLITS = ("validation", "test", "val", "valid")
+# Larger images are legitimate (satellite, pathology); refuse only absurd decompression bombs.
+Image.MAX_IMAGE_PIXELS = 50_000 * 50_000
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_EXTENSION_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+def load_dataset_dict(dataset_name: str | os.PathLike | None, streaming: bool = False
+                      ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """Load every split of `dataset_name` (None: the embedded CIFAR-10 demo sample)."""
+    if dataset_name is None:
+        dataset_name = DEMO_DATASET_DIR
+    dataset_name = str(dataset_name)
+    if any(char in dataset_name for char in "*?["):
+        files = sorted(globlib.glob(dataset_name))
+        if not files:
+            raise FileNotFoundError(f"--dataset_name {dataset_name!r}: the glob matches no file.")
+        builder = _EXTENSION_BUILDERS.get(Path(files[0]).suffix, "imagefolder")
+        return datasets.load_dataset(builder, data_files={"train": files}, streaming=streaming)
+    if os.path.sep in dataset_name or dataset_name.startswith("."):
+        if not os.path.exists(dataset_name):
+            raise FileNotFoundError(
+                f"--dataset_name {dataset_name!r} does not exist. Give a Hub dataset id, a local directory "
+                "(image folder or parquet files named by split) or a file glob.")
+    return datasets.load_dataset(dataset_name, streaming=streaming)
+
+
+def select_split(dataset_dict, split: str, *, fallbacks: tuple[str, ...] = ()) -> Any:
+    """Return `dataset_dict[split]`, else the first present split among `fallbacks`."""
+    for name in (split, *fallbacks):
+        if name in dataset_dict:
+            return dataset_dict[name]
+    raise KeyError(f"Split {split!r} not found (available: {', '.join(dataset_dict)}); "
+                   "choose one with --train_split / --val_split.")
+
+
+def prepare_image_column(dataset, image_column: str):
+    """Turn off 🤗 datasets' decoding of `image_column` so that bad images can be skipped here."""
+    features = dataset.features
+    if features is not None and image_column not in features:
+        raise KeyError(f"--image_column {image_column!r} not in the dataset's columns "
+                       f"({', '.join(features)}); pass the right --image_column.")
+    if features is not None and isinstance(features[image_column], datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset
+
+
+def decode_image(value: Any) -> np.ndarray | None:
+    """Decode an image cell to a uint8 RGB array (H, W, 3), or None when it cannot be read.
+
+    Accepts a `datasets.Image(decode=False)` dict (`bytes` and/or `path`), raw bytes, a path or a
+    PIL image. Grayscale, 16-bit, palette, CMYK and RGBA images are converted to RGB
+    (transparency composited on white).
+    """
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        else:
+            if isinstance(value, dict):
+                data, path = value.get("bytes"), value.get("path")
+            elif isinstance(value, (bytes, bytearray)):
+                data, path = value, None
+            else:
+                data, path = None, value
+            image = Image.open(io.BytesIO(data)) if data else Image.open(path)
+            image.load()
+        return np.asarray(_to_rgb(image), dtype=np.uint8)
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        logger.debug("undecodable image: %s", error)
+        return None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        low, high = np.nanmin(array), np.nanmax(array)
+        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        image = Image.fromarray(scaled.astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A per-sample augmentation seed that depends only on (run seed, epoch, sample index)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Map-style dataset: item i -> {"crops": list of V tensors (3, S, S)} or None if undecodable.
+
+    The crops depend on (seed, epoch, i) only; call `set_epoch` before each epoch.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, augmentation: Callable, image_column: str = "image",
+                 seed: int = 0):
+        self.dataset = prepare_image_column(dataset, image_column)
+        self.augmentation = augmentation
+        self.image_column = image_column
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict | None:
+        image = decode_image(self.dataset[index][self.image_column])
+        if image is None:
+            return {"crops": None, "index": index}
+        return {"crops": self.augmentation(image, seed=sample_seed(self.seed, self.epoch, index)), "index": index}
+
+
+def collate_multicrop(samples: list[dict]) -> dict:
+    """Stack each view over the batch: {"crops": V tensors (B, 3, S_v, S_v), "num_skipped",
+    "skipped_indices"}; undecodable samples are dropped and counted."""
+    kept = [sample for sample in samples if sample["crops"] is not None]
+    skipped = [sample["index"] for sample in samples if sample["crops"] is None]
+    crops = [torch.stack(view) for view in zip(*(sample["crops"] for sample in kept))] if kept else []
+    return {"crops": crops, "num_skipped": len(skipped), "skipped_indices": skipped}
+
+
+class LabelledImageDataset(torch.utils.data.Dataset):
+    """Evaluation dataset: item i -> {"pixel_values": (3, S, S), "label": int} or None."""
+
+    def __init__(self, dataset: datasets.Dataset, transform: Callable, image_column: str = "image",
+                 label_column: str = "label"):
+        if dataset.features is not None and label_column not in dataset.features:
+            raise KeyError(f"--label_column {label_column!r} not in the dataset's columns "
+                           f"({', '.join(dataset.features)}); pass the right --label_column.")
+        self.dataset = prepare_image_column(dataset, image_column)
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict | None:
+        row = self.dataset[index]
+        image = decode_image(row[self.image_column])
+        if image is None:
+            return None
+        return {"pixel_values": self.transform(image=image)["image"], "label": int(row[self.label_column])}
+
+
+def collate_labelled(samples: list[dict | None]) -> dict:
+    """{"pixel_values": (B, 3, S, S), "labels": (B,), "num_skipped": int}."""
+    kept = [sample for sample in samples if sample is not None]
+    return {
+        "pixel_values": torch.stack([sample["pixel_values"] for sample in kept]) if kept else torch.empty(0),
+        "labels": torch.tensor([sample["label"] for sample in kept], dtype=torch.long),
+        "num_skipped": len(samples) - len(kept),
+    }

@@ -1,0 +1,108 @@
+"""Hub-facing outputs: the plain teacher backbone folder, its image processor and model card,
+and uploads through huggingface_hub."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers import ViTImageProcessorPil
+from transformers.image_utils import PILImageResampling
+
+from .modeling_dino import DinoModel
+from .recipe import DinoRecipe
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_NAME = "teacher_backbone.md"
+# The repository's model_cards/ (editable installs), else a copy packaged with hf_dino (wheels).
+TEMPLATE_DIRS = (Path(__file__).resolve().parents[2] / "model_cards", Path(__file__).parent / "model_cards")
+# An example image for the Hub inference widget.
+WIDGET_IMAGE = "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/cats.png"
+
+
+def find_card_template() -> Path:
+    for directory in TEMPLATE_DIRS:
+        if (directory / TEMPLATE_NAME).exists():
+            return directory / TEMPLATE_NAME
+    raise FileNotFoundError(f"Model card template {TEMPLATE_NAME} not found in {', '.join(map(str, TEMPLATE_DIRS))}")
+
+
+def build_image_processor(recipe: DinoRecipe) -> ViTImageProcessorPil:
+    """Resize to the global-crop size (bicubic) and normalise with the training statistics."""
+    size = recipe.global_crop_size
+    return ViTImageProcessorPil(do_resize=True, size={"height": size, "width": size},
+                             resample=PILImageResampling.BICUBIC, do_rescale=True, do_normalize=True,
+                             image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+
+
+def render_model_card(recipe: DinoRecipe, results: dict, backbone_class: str, repo_id: str | None = None) -> ModelCard:
+    """Fill `model_cards/teacher_backbone.md` from a run's recipe and results."""
+    dataset = recipe.dataset_name or "cifar10 (hf_dino's embedded 5,000-image demo sample)"
+    dataset_id = recipe.dataset_name if recipe.dataset_name and "/" not in recipe.dataset_name.strip("/")[:-1] else None
+    repo_id = repo_id or recipe.hub_model_id or "path/to/teacher_backbone"
+    knn = results.get("knn")
+    eval_results = None
+    if knn:
+        eval_results = [EvalResult(task_type="image-classification", dataset_type=dataset_id or "cifar10",
+                                   dataset_name=dataset, metric_type="accuracy", metric_name=f"k-NN top-1 (k={knn['k']})",
+                                   metric_value=round(knn["top1"], 2), dataset_split=recipe.val_split)]
+        evaluation_text = (f"Weighted {knn['k']}-NN (T={knn['temperature']}) on frozen features: top-1 "
+                           f"**{knn['top1']:.2f}%**, top-5 {knn['top5']:.2f}% ({knn['num_val']} held-out images, "
+                           f"{knn['num_train']} training images as the memory bank).")
+    else:
+        evaluation_text = "No evaluation was run for this checkpoint."
+    card_data = ModelCardData(
+        library_name="transformers", pipeline_tag="image-feature-extraction", license="apache-2.0",
+        tags=["dino", "self-supervised", "vision", "hf_dino", recipe.arch],
+        datasets=[dataset_id] if dataset_id else None, model_name=repo_id.split("/")[-1],
+        eval_results=eval_results, widget=[{"src": WIDGET_IMAGE, "example_title": "Cats"}])
+    is_vit = recipe.arch.startswith("vit")
+    train = results.get("train", {})
+    wall_time = results.get("train_time_s")
+    hardware = (torch.cuda.get_device_name() if torch.cuda.is_available()
+                else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    return ModelCard.from_template(
+        card_data, template_path=str(find_card_template()),
+        model_name=repo_id.split("/")[-1], repo_id=repo_id, backbone_class=backbone_class,
+        backbone_description=(f"ViT ({recipe.arch}, patch {recipe.patch_size})" if is_vit else recipe.arch),
+        feature_expression=("outputs.last_hidden_state[:, 0]" if is_vit else "outputs.pooler_output.flatten(1)"),
+        evaluation_text=evaluation_text,
+        recipe_rows=[(k, v) for k, v in recipe.to_dict().items()
+                     if k not in ("output_dir", "resume_from_checkpoint", "report_to", "push_to_hub")],
+        dataset_description=dataset, steps=results.get("global_step", train.get("step", "?")),
+        wall_time=f"{wall_time / 60:.1f} min" if wall_time else "an unrecorded time", hardware=hardware)
+
+
+def save_teacher_backbone(teacher: DinoModel, directory: str | Path, recipe: DinoRecipe, results: dict) -> Path:
+    """Write the teacher's backbone as a plain transformers model folder: config.json,
+    model.safetensors, preprocessor_config.json and README.md (the model card)."""
+    directory = Path(directory)
+    backbone = teacher.backbone
+    backbone.save_pretrained(directory)
+    build_image_processor(recipe).save_pretrained(directory)
+    card = render_model_card(recipe, results, type(backbone).__name__)
+    card.save(directory / "README.md")
+    return directory
+
+
+def push_folder(folder: str | Path, repo_id: str, private: bool = False, commit_message: str = "Upload",
+                background: bool = False):
+    """Upload a folder with huggingface_hub; errors are logged, never raised (training goes on).
+
+    Returns the `Future` of a background upload, the commit info, or None on failure.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
+                                 run_as_future=background)
+    except Exception as error:  # network, auth, quota: report and carry on
+        logger.warning("Push of %s to %s failed: %s", folder, repo_id, error)
+        return None

@@ -1,0 +1,222 @@
+"""`DinoRecipe`: every hyper-parameter of a pretraining run, with the paper's defaults.
+
+Field names follow the reference implementation's `main_dino.py` arguments. Values come
+from (lowest to highest precedence) these defaults, a YAML file and command-line flags;
+`validate` rejects a bad combination before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .configuration_dino import SUPPORTED_ARCHS, VIT_PRESETS
+
+OPTIMIZERS = ("adamw", "sgd")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class DinoRecipe:
+    # --- model (Sec. 3.1, Appendix A) ---
+    arch: str = "vit_small"
+    patch_size: int = 16
+    num_hidden_layers: int | None = None  # None: the preset depth (12); fewer for CPU demos
+    out_dim: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_num_layers: int = 3
+    norm_last_layer: bool = True
+    use_bn_in_head: bool = False
+    drop_path_rate: float = 0.1
+    # --- teacher and loss ---
+    momentum_teacher: float = 0.996
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    # --- optimisation ---
+    optimizer: str = "adamw"
+    lr: float = 0.0005  # at a global batch of 256; scaled linearly with the batch
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    sgd_momentum: float = 0.9
+    clip_grad: float = 3.0  # per-parameter gradient-norm clipping, as the reference; 0 disables
+    freeze_last_layer: int = 1
+    batch_size_per_device: int = 64
+    gradient_accumulation_steps: int = 1
+    epochs: int = 100
+    max_steps: int | None = None  # optimizer steps; overrides `epochs` when set
+    # --- multi-crop augmentation ---
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_number: int = 8
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    # --- data ---
+    dataset_name: str | None = None  # None: the embedded CIFAR-10 demo sample
+    train_split: str = "train"
+    val_split: str = "validation"
+    image_column: str = "image"
+    label_column: str = "label"
+    streaming: bool = False
+    max_train_samples: int | None = None
+    num_workers: int = 4
+    num_threads: int | None = None  # CPU only: torch threads per process; None = cores / local processes
+    # --- run ---
+    seed: int = 0
+    output_dir: str = "outputs/dino"
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    checkpointing_steps: int | None = None
+    save_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    report_to: str | None = None
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    # --- k-NN of the teacher on the held-out split: every `eval_every` steps and at the end ---
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_eval_at_end: bool = True
+    knn_max_train_samples: int | None = None
+    eval_every: int | None = None  # optimizer steps between online k-NN evaluations; None: only at the end
+
+    # ------------------------------------------------------------------ helpers
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> DinoRecipe:
+        """Read a YAML recipe; unknown keys are an error that lists the valid ones."""
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a recipe must be a mapping of field: value")
+        values.update(overrides)
+        return cls.from_dict(values, source=str(path))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "recipe") -> DinoRecipe:
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {', '.join(unknown)}. "
+                             f"Valid fields: {', '.join(cls.field_names())}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    def validate(self) -> None:
+        """Raise ValueError naming every problem and what to change, before any work starts."""
+        problems = []
+        if self.arch not in SUPPORTED_ARCHS:
+            problems.append(f"arch {self.arch!r} is unknown; use one of {', '.join(SUPPORTED_ARCHS)}")
+        if self.arch in VIT_PRESETS:
+            for name in ("global_crop_size", "local_crop_size"):
+                size = getattr(self, name)
+                if size % self.patch_size:
+                    problems.append(f"{name}={size} is not a multiple of patch_size={self.patch_size}; "
+                                    f"use e.g. {max(self.patch_size, size // self.patch_size * self.patch_size)}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer {self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            problems.append(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+        for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "drop_path_rate"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)} is negative; it must be >= 0")
+        for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0")
+        for name in ("momentum_teacher", "center_momentum"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must lie in [0, 1]")
+        for name in ("batch_size_per_device", "epochs", "out_dim", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if self.local_crops_number < 0:
+            problems.append("local_crops_number must be >= 0")
+        for name in ("global_crops_scale", "local_crops_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high <= 1:
+                problems.append(f"{name}={getattr(self, name)} must satisfy 0 < min <= max <= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append("max_steps must be >= 1 (or unset to use epochs)")
+        if self.eval_every is not None and self.eval_every < 1:
+            problems.append("eval_every must be >= 1 (or unset)")
+        if self.checkpointing_steps is not None and self.checkpointing_steps < 1:
+            problems.append("checkpointing_steps must be >= 1 (or unset)")
+        if self.push_to_hub and not self.hub_model_id:
+            problems.append("push_to_hub needs --hub_model_id ORG/NAME")
+        if self.dataset_name is not None and ("/" in self.dataset_name or self.dataset_name.startswith(".")):
+            local = Path(self.dataset_name)
+            if not any(c in self.dataset_name for c in "*?[") and not local.exists() and self.dataset_name.count("/") != 1:
+                problems.append(f"dataset_name {self.dataset_name!r} does not exist; give a Hub id, "
+                                "a local directory or a file glob")
+        if problems:
+            raise ValueError("Invalid recipe:\n  - " + "\n  - ".join(problems))
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML / command-line value to the field's declared type."""
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return _coerce(name, value, args[0])
+    if origin is tuple:
+        if isinstance(value, str):
+            value = value.replace(",", " ").split()
+        if len(value) != len(args):
+            raise ValueError(f"{name} takes {len(args)} values, got {value!r}")
+        return tuple(arg(v) for arg, v in zip(args, value))
+    if hint is bool:
+        if isinstance(value, str):
+            lowered = value.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{name} takes true/false, got {value!r}")
+            return lowered in ("true", "1", "yes")
+        return bool(value)
+    if hint in (int, float, str):
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be of type {hint.__name__}, got {value!r}") from None
+    return value
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    """`--config FILE` plus one `--FIELD` flag per recipe field (values parsed later)."""
+    parser = argparse.ArgumentParser(description="DINO self-supervised pretraining", allow_abbrev=False)
+    parser.add_argument("--config", help="YAML recipe (see configs/); flags override its values")
+    hints = typing.get_type_hints(DinoRecipe)
+    for f in dataclasses.fields(DinoRecipe):
+        nargs = len(typing.get_args(hints[f.name])) if typing.get_origin(hints[f.name]) is tuple else None
+        parser.add_argument(f"--{f.name}", nargs=nargs, default=argparse.SUPPRESS,
+                            help=f"default: {f.default}")
+    return parser
+
+
+def parse_recipe(argv: list[str] | None = None) -> DinoRecipe:
+    """Defaults < `--config` YAML < command-line flags; validated."""
+    namespace = vars(build_argument_parser().parse_args(argv))
+    config_path = namespace.pop("config", None)
+    if config_path:
+        recipe = DinoRecipe.from_yaml(config_path, **namespace)
+    else:
+        recipe = DinoRecipe.from_dict(namespace, source="command line")
+    recipe.validate()
+    return recipe

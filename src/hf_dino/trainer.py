@@ -1,0 +1,385 @@
+"""The DINO training loop on 🤗 Accelerate, readable top to bottom.
+
+One optimizer step:
+  1. teacher(global crops) and student(all crops), under autocast when mixed precision is on;
+  2. DINO loss in fp32, backward (gradients synchronised across processes by Accelerate);
+  3. per-parameter gradient clipping, last head layer's gradients dropped in the first epoch(s);
+  4. AdamW step with this step's lr and weight decay;
+  5. EMA of the student into the teacher, and of the teacher outputs into the loss centre.
+The teacher is never wrapped for gradient synchronisation: every process holds the same
+copy and applies the same EMA update from the (synchronised) student.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .configuration_dino import DinoConfig, build_backbone_config
+from .data import FALLBACK_VAL_SPLITS, MultiCropDataset, collate_multicrop, load_dataset_dict, select_split
+from .evaluation import knn_evaluate_splits
+from .loss import DinoLoss
+from .modeling_dino import DinoModel
+from .optimization import build_optimizer, cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update
+from .recipe import DinoRecipe
+from .schedules import cosine_schedule, teacher_temperature_schedule
+from .transforms import MultiCropAugmentation
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TEACHER_FILE = "teacher.safetensors"
+LOSS_STATE_FILE = "dino_loss.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stops and the last checkpoint stays intact."""
+
+
+def build_dino_config(recipe: DinoRecipe, drop_path_rate: float) -> DinoConfig:
+    backbone_config = build_backbone_config(recipe.arch, recipe.patch_size, recipe.global_crop_size,
+                                            num_hidden_layers=recipe.num_hidden_layers)
+    return DinoConfig(
+        backbone_config=backbone_config,
+        out_dim=recipe.out_dim,
+        head_hidden_dim=recipe.head_hidden_dim,
+        head_bottleneck_dim=recipe.head_bottleneck_dim,
+        head_num_layers=recipe.head_num_layers,
+        use_bn_in_head=recipe.use_bn_in_head,
+        norm_last_layer=recipe.norm_last_layer,
+        drop_path_rate=drop_path_rate,
+    )
+
+
+def build_student_and_teacher(recipe: DinoRecipe) -> tuple[DinoModel, DinoModel]:
+    """Student (with stochastic depth) and teacher (without), starting from identical weights."""
+    student = DinoModel(build_dino_config(recipe, recipe.drop_path_rate))
+    teacher = DinoModel(build_dino_config(recipe, drop_path_rate=0.0))
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """Newest complete `checkpoint-STEP` folder (temporary `.tmp` folders are ignored)."""
+    candidates = [path for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+                  if path.is_dir() and path.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return max(candidates, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+@dataclass
+class StepSchedule:
+    """The schedule values of one optimizer step."""
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    teacher_temp: float
+
+
+class DinoTrainer:
+    """Runs DINO pretraining as described by a `DinoRecipe`.
+
+    `train()` returns the final metrics (including the teacher's k-NN accuracy when the data
+    has a labelled held-out split) and writes `output_dir/{teacher_backbone,dino}/`.
+    """
+
+    def __init__(self, recipe: DinoRecipe, accelerator: Accelerator | None = None):
+        recipe.validate()
+        self.recipe = recipe
+        self.output_dir = Path(recipe.output_dir)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=recipe.mixed_precision,
+            gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+            log_with=recipe.report_to,
+            project_dir=str(self.output_dir),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
+        if self.accelerator.device.type == "cpu":
+            # `accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which halves a
+            # 2-core demo's speed; share the cores among the local processes instead.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes)))
+            torch.set_num_threads(recipe.num_threads or max(1, cores // local_processes))
+        self.num_skipped_images = 0
+        self._steps_per_epoch = 0
+        self.student: DinoModel | None = None  # set by train(): unwrapped student and teacher
+        self.teacher: DinoModel | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _build_data(self):
+        recipe = self.recipe
+        dataset_dict = load_dataset_dict(recipe.dataset_name, streaming=recipe.streaming)
+        if recipe.streaming:
+            raise ValueError("--streaming is not supported by this trainer yet: drop --streaming "
+                             "(datasets memory-maps local and downloaded data instead).")
+        train_split = select_split(dataset_dict, recipe.train_split)
+        if recipe.max_train_samples is not None:
+            train_split = train_split.select(range(min(recipe.max_train_samples, len(train_split))))
+        augmentation = MultiCropAugmentation(
+            global_crop_size=recipe.global_crop_size, local_crop_size=recipe.local_crop_size,
+            global_crops_scale=recipe.global_crops_scale, local_crops_scale=recipe.local_crops_scale,
+            local_crops_number=recipe.local_crops_number)
+        train_dataset = MultiCropDataset(train_split, augmentation, recipe.image_column, seed=recipe.seed)
+        if len(train_dataset) < recipe.batch_size_per_device * self.accelerator.num_processes:
+            raise ValueError(f"The training split has {len(train_dataset)} images, fewer than one global batch; "
+                             "lower --batch_size_per_device or use more data.")
+        dataloader = torch.utils.data.DataLoader(
+            train_dataset, batch_size=recipe.batch_size_per_device, shuffle=True, drop_last=True,
+            num_workers=recipe.num_workers, collate_fn=collate_multicrop,
+            pin_memory=self.accelerator.device.type == "cuda",
+            persistent_workers=False,  # workers must see the new epoch's augmentation seeds
+            prefetch_factor=4 if recipe.num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(recipe.seed))
+        return dataset_dict, train_dataset, dataloader
+
+    def _schedule(self, step: int, epoch: int, total_steps: int, steps_per_epoch: int, base_lr: float) -> StepSchedule:
+        recipe = self.recipe
+        return StepSchedule(
+            lr=cosine_schedule(step, total_steps, base_lr, recipe.min_lr, recipe.warmup_epochs * steps_per_epoch),
+            weight_decay=cosine_schedule(step, total_steps, recipe.weight_decay, recipe.weight_decay_end),
+            momentum=cosine_schedule(step, total_steps, recipe.momentum_teacher, 1.0),
+            teacher_temp=teacher_temperature_schedule(epoch, recipe.warmup_teacher_temp, recipe.teacher_temp,
+                                                      recipe.warmup_teacher_temp_epochs),
+        )
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> dict:
+        recipe, accelerator = self.recipe, self.accelerator
+        set_seed(recipe.seed)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        dataset_dict, train_dataset, dataloader = self._build_data()
+
+        student, teacher = build_student_and_teacher(recipe)
+        if recipe.gradient_checkpointing:
+            student.gradient_checkpointing_enable()
+        teacher.to(accelerator.device)
+        dino_loss = DinoLoss(recipe.out_dim, num_teacher_views=2, student_temperature=recipe.student_temp,
+                             center_momentum=recipe.center_momentum).to(accelerator.device)
+        student.to(accelerator.device)
+        optimizer = build_optimizer(student, recipe.optimizer, recipe.sgd_momentum)
+        student, optimizer, dataloader = accelerator.prepare(student, optimizer, dataloader)
+        unwrapped_student = accelerator.unwrap_model(student)
+        self.student, self.teacher = unwrapped_student, teacher
+        student_parameters = list(unwrapped_student.parameters())
+        teacher_parameters = list(teacher.parameters())
+        trainable_parameters = [p for p in student_parameters if p.requires_grad]
+
+        global_batch = recipe.batch_size_per_device * accelerator.num_processes * recipe.gradient_accumulation_steps
+        base_lr = recipe.lr * global_batch / 256.0  # linear scaling rule
+        steps_per_epoch = len(dataloader) // recipe.gradient_accumulation_steps
+        self._steps_per_epoch = steps_per_epoch
+        if steps_per_epoch == 0:
+            raise ValueError("An epoch holds fewer batches than gradient_accumulation_steps; lower it.")
+        total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
+        num_epochs = math.ceil(total_steps / steps_per_epoch)
+
+        global_step = 0
+        if recipe.resume_from_checkpoint:
+            global_step = self._load_checkpoint(recipe.resume_from_checkpoint, teacher, dino_loss)
+        if accelerator.is_main_process:
+            (self.output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+        accelerator.init_trackers("hf_dino", config={k: v for k, v in recipe.to_dict().items()
+                                                     if isinstance(v, (int, float, str, bool))})
+        logger.info("DINO: %d images, global batch %d, %d steps/epoch, %d steps, base lr %.3g",
+                    len(train_dataset), global_batch, steps_per_epoch, total_steps, base_lr)
+
+        progress = tqdm(total=total_steps, initial=global_step, desc="DINO", disable=not accelerator.is_local_main_process)
+        window = {"loss": torch.zeros((), device=accelerator.device),
+                  "teacher_entropy": torch.zeros((), device=accelerator.device),
+                  "kl_student_teacher": torch.zeros((), device=accelerator.device)}
+        window_steps, window_images, window_start = 0, 0, time.perf_counter()
+        start_time = time.perf_counter()
+        last_metrics: dict = {}
+        student.train()
+        teacher.train()  # as the reference: matters only for batch-norm heads / ResNet teachers
+
+        for epoch in range(global_step // steps_per_epoch, num_epochs):
+            if global_step >= total_steps:
+                break
+            train_dataset.set_epoch(epoch)
+            dataloader.set_epoch(epoch)
+            batches_done = (global_step - epoch * steps_per_epoch) * recipe.gradient_accumulation_steps
+            batches = accelerator.skip_first_batches(dataloader, batches_done) if batches_done else dataloader
+            for batch in batches:
+                self._count_skipped(batch)
+                crops = batch["crops"]
+                schedule = self._schedule(global_step, epoch, total_steps, steps_per_epoch, base_lr)
+                with accelerator.accumulate(student):
+                    with torch.no_grad(), accelerator.autocast():
+                        teacher_logits = teacher(crops[:2]).logits
+                    student_logits = student(crops).logits
+                    output = dino_loss(student_logits, teacher_logits, schedule.teacher_temp)
+                    accelerator.backward(output.loss)
+                    dino_loss.accumulate_center(teacher_logits)
+                    window["loss"] += output.loss.detach() / recipe.gradient_accumulation_steps
+                    window["teacher_entropy"] += output.teacher_entropy / recipe.gradient_accumulation_steps
+                    window["kl_student_teacher"] += output.kl_student_teacher / recipe.gradient_accumulation_steps
+                    window_images += crops[0].shape[0] * accelerator.num_processes
+                    if not accelerator.sync_gradients:
+                        continue
+                    for group in optimizer.param_groups:
+                        group["lr"] = schedule.lr
+                    optimizer.param_groups[0]["weight_decay"] = schedule.weight_decay
+                    if recipe.clip_grad > 0:
+                        accelerator.unscale_gradients()
+                        clip_gradients_per_parameter(trainable_parameters, recipe.clip_grad)
+                    if epoch < recipe.freeze_last_layer:
+                        cancel_last_layer_gradients(unwrapped_student.head)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                ema_update(teacher_parameters, student_parameters, schedule.momentum)
+                dino_loss.update_center()
+                global_step += 1
+                window_steps += 1
+                progress.update(1)
+
+                if global_step % recipe.logging_steps == 0 or global_step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    values = torch.stack(list(window.values())).div(window_steps).tolist()
+                    metrics = {"step": global_step, "epoch": round(global_step / steps_per_epoch, 4),
+                               **dict(zip(window, values)), "lr": schedule.lr,
+                               "weight_decay": schedule.weight_decay, "momentum": schedule.momentum,
+                               "teacher_temp": schedule.teacher_temp, "img_per_s": window_images / elapsed,
+                               "num_skipped_images": self.num_skipped_images,
+                               "elapsed_s": time.perf_counter() - start_time}
+                    if not math.isfinite(metrics["loss"]):
+                        raise NonFiniteLossError(
+                            f"The loss became {metrics['loss']} between steps {global_step - window_steps + 1} and "
+                            f"{global_step}. Lower --lr, raise --warmup_epochs or use --clip_grad; resume from the "
+                            f"last checkpoint in {self.output_dir} (none newer was written).")
+                    self._log(metrics)
+                    last_metrics = metrics
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.1f}")
+                    for value in window.values():
+                        value.zero_()
+                    window_steps, window_images, window_start = 0, 0, time.perf_counter()
+                if recipe.eval_every and global_step % recipe.eval_every == 0 and global_step < total_steps:
+                    eval_start = time.perf_counter()
+                    self._online_knn(teacher, dataset_dict, global_step)
+                    window_start += time.perf_counter() - eval_start  # keep img_per_s a training rate
+                if recipe.checkpointing_steps and global_step % recipe.checkpointing_steps == 0:
+                    self._save_checkpoint(global_step, epoch, teacher, dino_loss)
+                if global_step >= total_steps:
+                    break
+        progress.close()
+
+        results = {"train": last_metrics, "train_time_s": time.perf_counter() - start_time,
+                   "global_step": global_step}
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if recipe.knn_eval_at_end:
+                results["knn"] = self.evaluate_knn(teacher, dataset_dict)
+            self._save_final(teacher, results)
+        accelerator.end_training()
+        return results
+
+    # ------------------------------------------------------------------ helpers
+    def _count_skipped(self, batch: dict) -> None:
+        if batch["num_skipped"]:
+            if self.num_skipped_images < 5:
+                logger.warning("Skipped undecodable image(s) at dataset index %s", batch["skipped_indices"])
+            self.num_skipped_images += batch["num_skipped"]
+
+    def _log(self, metrics: dict) -> None:
+        self.accelerator.log(metrics, step=metrics["step"])
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(metrics) + "\n")
+
+    def _save_checkpoint(self, step: int, epoch: int, teacher: DinoModel, dino_loss: DinoLoss) -> Path:
+        """Write `checkpoint-STEP/` atomically: into `checkpoint-STEP.tmp`, then rename."""
+        accelerator = self.accelerator
+        final = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        temporary = self.output_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
+        if accelerator.is_main_process and temporary.exists():
+            shutil.rmtree(temporary)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(temporary), safe_serialization=True)
+        if accelerator.is_main_process:
+            save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(temporary / TEACHER_FILE))
+            save_file(dino_loss.state_dict(), str(temporary / LOSS_STATE_FILE))
+            state = {"global_step": step, "epoch": epoch, "num_skipped_images": self.num_skipped_images}
+            (temporary / TRAINER_STATE_FILE).write_text(json.dumps(state))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+            self._rotate_checkpoints()
+        accelerator.wait_for_everyone()
+        return final
+
+    def _rotate_checkpoints(self) -> None:
+        limit = self.recipe.save_total_limit
+        if not limit:
+            return
+        checkpoints = sorted((p for p in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+                              if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()),
+                             key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+        for old in checkpoints[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self, checkpoint: str, teacher: DinoModel, dino_loss: DinoLoss) -> int:
+        path = find_latest_checkpoint(self.output_dir) if checkpoint == "latest" else Path(checkpoint)
+        if path is None:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting from scratch",
+                           self.output_dir)
+            return 0
+        if not (path / TRAINER_STATE_FILE).exists():
+            raise FileNotFoundError(f"{path} is not a complete hf_dino checkpoint (no {TRAINER_STATE_FILE}).")
+        self.accelerator.load_state(str(path))
+        teacher.load_state_dict(load_file(str(path / TEACHER_FILE), device=str(self.accelerator.device)))
+        dino_loss.load_state_dict(load_file(str(path / LOSS_STATE_FILE), device=str(self.accelerator.device)))
+        state = json.loads((path / TRAINER_STATE_FILE).read_text())
+        self.num_skipped_images = state["num_skipped_images"]
+        logger.info("Resumed from %s at step %d", path, state["global_step"])
+        return state["global_step"]
+
+    def _online_knn(self, teacher: DinoModel, dataset_dict, step: int) -> None:
+        """k-NN of the teacher during training, logged as `knn_top1` / `knn_top5` (main process)."""
+        if self.accelerator.is_main_process:
+            knn = self.evaluate_knn(teacher, dataset_dict)
+            if knn is not None:
+                self._log({"step": step, "epoch": round(step / max(1, self._steps_per_epoch), 4),
+                           "knn_top1": knn["top1"], "knn_top5": knn["top5"]})
+        self.accelerator.wait_for_everyone()
+
+    def evaluate_knn(self, teacher: DinoModel, dataset_dict) -> dict | None:
+        """Weighted k-NN of the teacher backbone: train split as memory bank, held-out split as queries."""
+        recipe = self.recipe
+        try:
+            val_split = select_split(dataset_dict, recipe.val_split, fallbacks=FALLBACK_VAL_SPLITS)
+            train_split = select_split(dataset_dict, recipe.train_split)
+        except KeyError as error:
+            logger.warning("k-NN evaluation skipped: %s", error)
+            return None
+        if recipe.label_column not in (train_split.features or {}):
+            logger.warning("k-NN evaluation skipped: no %r column", recipe.label_column)
+            return None
+        knn = knn_evaluate_splits(
+            teacher, train_split, val_split, crop_size=recipe.global_crop_size, ks=(recipe.knn_k,),
+            temperature=recipe.knn_temperature, image_column=recipe.image_column, label_column=recipe.label_column,
+            num_workers=recipe.num_workers, device=self.accelerator.device,
+            max_train_samples=recipe.knn_max_train_samples)
+        print(f"k-NN (k={recipe.knn_k}, T={recipe.knn_temperature}) of the teacher on {knn['num_val']} held-out "
+              f"images: top-1 {knn['top1']:.2f}%, top-5 {knn['top5']:.2f}%")
+        return knn
+
+    def _save_final(self, teacher: DinoModel, results: dict) -> None:
+        from .hub import save_teacher_backbone
+
+        teacher.save_pretrained(self.output_dir / "dino")
+        save_teacher_backbone(teacher, self.output_dir / "teacher_backbone", self.recipe, results)
+        (self.output_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -1,0 +1,81 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hf_dino.data import (
+    DEMO_DATASET_DIR,
+    MultiCropDataset,
+    collate_multicrop,
+    decode_image,
+    load_dataset_dict,
+    select_split,
+)
+from hf_dino.transforms import MultiCropAugmentation
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("P", "PNG"),
+                                       ("I;16", "PNG"), ("RGB", "JPEG"), ("LA", "PNG"), ("1", "PNG")])
+def test_every_image_mode_becomes_uint8_rgb(mode, fmt):
+    image = Image.new(mode, (9, 7))
+    decoded = decode_image({"bytes": encode(image, fmt), "path": None})
+    assert decoded.shape == (7, 9, 3) and decoded.dtype == np.uint8
+
+
+def test_sixteen_bit_is_rescaled_not_clipped():
+    array = np.full((4, 4), 65535, dtype=np.uint16)
+    decoded = decode_image(encode(Image.fromarray(array)))
+    assert decoded.max() == 255 and decoded.min() == 255
+
+
+def test_transparent_pixels_composite_on_white():
+    image = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    assert (decode_image(encode(image)) == 255).all()
+
+
+@pytest.mark.parametrize("payload", [b"", b"not an image", encode(Image.new("RGB", (32, 32)), "JPEG")[:60]])
+def test_corrupt_images_decode_to_none(payload):
+    assert decode_image({"bytes": payload, "path": None}) is None
+
+
+def test_tiny_and_missing_files(tmp_path):
+    assert decode_image(encode(Image.new("RGB", (1, 1)))).shape == (1, 1, 3)
+    assert decode_image(str(tmp_path / "missing.jpg")) is None
+
+
+def test_collate_drops_and_counts_bad_samples():
+    good = {"crops": [torch.zeros(3, 4, 4), torch.zeros(3, 2, 2)], "index": 0}
+    batch = collate_multicrop([good, {"crops": None, "index": 5}, good])
+    assert [tuple(v.shape) for v in batch["crops"]] == [(2, 3, 4, 4), (2, 3, 2, 2)]
+    assert batch["num_skipped"] == 1 and batch["skipped_indices"] == [5]
+
+
+def test_embedded_demo_dataset_loads():
+    dataset_dict = load_dataset_dict(None)
+    assert DEMO_DATASET_DIR.exists()
+    assert len(dataset_dict["train"]) == 5000 and len(dataset_dict["test"]) == 1000
+    assert select_split(dataset_dict, "validation", fallbacks=("test",)) is dataset_dict["test"]
+    with pytest.raises(KeyError, match="available: train, test"):
+        select_split(dataset_dict, "validation")
+
+
+def test_missing_local_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_dataset_dict(str(tmp_path / "nothing"))
+
+
+def test_multicrop_dataset_crops_depend_on_seed_epoch_and_index():
+    train = load_dataset_dict(None)["train"].select(range(4))
+    dataset = MultiCropDataset(train, MultiCropAugmentation(32, 16, local_crops_number=1), seed=3)
+    first = dataset[1]["crops"]
+    assert all(torch.equal(a, b) for a, b in zip(first, dataset[1]["crops"]))
+    dataset.set_epoch(1)
+    assert not torch.equal(first[0], dataset[1]["crops"][0])

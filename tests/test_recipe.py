@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from hf_dino.recipe import DinoRecipe, parse_recipe
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_papers():
+    recipe = DinoRecipe()
+    assert (recipe.out_dim, recipe.student_temp, recipe.center_momentum) == (65536, 0.1, 0.9)
+    assert (recipe.warmup_teacher_temp, recipe.teacher_temp, recipe.momentum_teacher) == (0.04, 0.07, 0.996)
+    assert (recipe.weight_decay, recipe.weight_decay_end, recipe.clip_grad, recipe.lr) == (0.04, 0.4, 3.0, 0.0005)
+    assert (recipe.global_crops_scale, recipe.local_crops_scale) == ((0.4, 1.0), (0.05, 0.4))
+    assert (recipe.global_crop_size, recipe.local_crop_size, recipe.freeze_last_layer) == (224, 96, 1)
+
+
+def test_yaml_then_command_line_precedence(tmp_path):
+    config = tmp_path / "r.yaml"
+    config.write_text("arch: vit_tiny\nlr: 0.001\nlocal_crops_scale: [0.1, 0.3]\n")
+    recipe = parse_recipe(["--config", str(config), "--lr", "0.002", "--norm_last_layer", "false"])
+    assert recipe.arch == "vit_tiny" and recipe.lr == 0.002 and recipe.local_crops_scale == (0.1, 0.3)
+    assert recipe.norm_last_layer is False
+
+
+def test_unknown_yaml_field_is_named(tmp_path):
+    config = tmp_path / "r.yaml"
+    config.write_text("teacher_tmp: 0.04\n")
+    with pytest.raises(ValueError, match="unknown field.*teacher_tmp"):
+        parse_recipe(["--config", str(config)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "vit_huge"], "arch 'vit_huge' is unknown"),
+    (["--global_crop_size", "100"], "global_crop_size=100 is not a multiple of patch_size=16"),
+    (["--lr", "-0.1"], "lr=-0.1 is negative"),
+    (["--optimizer", "lars"], "optimizer 'lars' is unknown"),
+    (["--dataset_name", "/no/such/dir"], "does not exist"),
+    (["--local_crops_scale", "0.5", "0.1"], "local_crops_scale"),
+    (["--push_to_hub", "true"], "hub_model_id"),
+])
+def test_bad_configuration_fails_with_a_message(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_recipe(argv)
+
+
+def test_bad_value_type_is_named():
+    with pytest.raises(ValueError, match="epochs must be of type int"):
+        parse_recipe(["--epochs", "ten"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_are_valid(path):
+    DinoRecipe.from_yaml(path).validate()

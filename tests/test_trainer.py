@@ -1,0 +1,118 @@
+import json
+import shutil
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+from transformers import AutoModel, ViTModel, pipeline
+
+import hf_dino  # noqa: F401
+from hf_dino.loss import DinoLoss, DinoLossOutput
+from hf_dino.modeling_dino import DinoModel
+from hf_dino.recipe import DinoRecipe
+from hf_dino.trainer import DinoTrainer, NonFiniteLossError, build_student_and_teacher, find_latest_checkpoint
+
+METRIC_KEYS = {"step", "epoch", "loss", "lr", "weight_decay", "momentum", "teacher_temp", "img_per_s",
+               "teacher_entropy", "kl_student_teacher"}
+
+
+def tiny_recipe(output_dir, **overrides) -> DinoRecipe:
+    values = dict(arch="vit_tiny", num_hidden_layers=1, patch_size=4, global_crop_size=16, local_crop_size=8,
+                  local_crops_number=2, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16,
+                  batch_size_per_device=8, max_train_samples=32, epochs=2, warmup_epochs=1, lr=0.005,
+                  num_workers=0, logging_steps=2, output_dir=str(output_dir), knn_eval_at_end=False,
+                  knn_max_train_samples=200, warmup_teacher_temp_epochs=1)
+    values.update(overrides)
+    return DinoRecipe(**values)
+
+
+def test_end_to_end_run_writes_the_contracted_outputs(tmp_path, capsys):
+    results = DinoTrainer(tiny_recipe(tmp_path, knn_eval_at_end=True)).train()
+    assert results["global_step"] == 8  # 32 images / batch 8 = 4 steps per epoch, 2 epochs
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 6, 8]
+    assert all(METRIC_KEYS <= set(line) for line in lines)
+    assert lines[0]["teacher_temp"] == 0.04 and lines[-1]["teacher_temp"] == 0.07  # warm-up over epoch 0
+
+    knn = results["knn"]
+    assert {"top1", "top5", "k", "num_train", "num_val"} <= set(knn) and knn["num_val"] == 1000
+    assert "k-NN (k=20, T=0.07)" in capsys.readouterr().out
+
+    backbone_dir = tmp_path / "teacher_backbone"
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md"):
+        assert (backbone_dir / name).exists(), name
+    backbone = AutoModel.from_pretrained(backbone_dir)
+    assert type(backbone) is ViTModel
+    extractor = pipeline("image-feature-extraction", model=str(backbone_dir))
+    features = torch.tensor(extractor(_pil_image()))
+    assert features.shape == (1, 1 + (16 // 4) ** 2, 192)
+
+    dino = AutoModel.from_pretrained(tmp_path / "dino")
+    assert isinstance(dino, DinoModel)
+    torch.testing.assert_close(dino.backbone.state_dict()["layernorm.weight"], backbone.state_dict()["layernorm.weight"])
+
+
+def _pil_image():
+    from PIL import Image
+
+    return Image.new("RGB", (40, 30), (120, 30, 200))
+
+
+def test_last_layer_is_frozen_during_the_first_epoch(tmp_path):
+    recipe = tiny_recipe(tmp_path, max_steps=3, freeze_last_layer=1, norm_last_layer=False)
+    trainer = DinoTrainer(recipe)
+    trainer.train()
+    set_seed(recipe.seed)
+    initial_student, _ = build_student_and_teacher(recipe)
+    initial, trained = initial_student.head, trainer.student.head
+    torch.testing.assert_close(trained.last_layer.parametrizations.weight.original1,
+                               initial.last_layer.parametrizations.weight.original1, rtol=0, atol=0)
+    torch.testing.assert_close(trained.last_layer_gain, initial.last_layer_gain, rtol=0, atol=0)
+    assert not torch.equal(trained.mlp[0].weight, initial.mlp[0].weight)
+
+
+def test_teacher_is_ema_of_student_and_gets_no_gradient(tmp_path):
+    trainer = DinoTrainer(tiny_recipe(tmp_path, max_steps=2, momentum_teacher=0.5))
+    trainer.train()
+    assert all(p.grad is None and not p.requires_grad for p in trainer.teacher.parameters())
+    assert any(not torch.equal(t, s) for t, s in zip(trainer.teacher.parameters(), trainer.student.parameters()))
+
+
+def test_resume_from_checkpoint_is_exact(tmp_path):
+    uninterrupted = tmp_path / "full"
+    DinoTrainer(tiny_recipe(uninterrupted, checkpointing_steps=3, epochs=2)).train()
+    assert sorted(p.name for p in uninterrupted.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert not list(uninterrupted.glob("*.tmp"))
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(uninterrupted / "checkpoint-3", resumed / "checkpoint-3")
+    trainer = DinoTrainer(tiny_recipe(resumed, checkpointing_steps=3, epochs=2, resume_from_checkpoint="latest"))
+    results = trainer.train()
+    assert results["global_step"] == 8
+    expected = AutoModel.from_pretrained(uninterrupted / "dino").state_dict()
+    for name, value in trainer.teacher.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_save_total_limit_and_latest(tmp_path):
+    DinoTrainer(tiny_recipe(tmp_path, checkpointing_steps=2, save_total_limit=2)).train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+    assert find_latest_checkpoint(tmp_path).name == "checkpoint-8"
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):
+    original = DinoLoss.forward
+
+    def exploding(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        return DinoLossOutput(output.loss * float("nan"), output.teacher_entropy, output.kl_student_teacher)
+
+    monkeypatch.setattr(DinoLoss, "forward", exploding)
+    with pytest.raises(NonFiniteLossError, match="between steps 1 and 2"):
+        DinoTrainer(tiny_recipe(tmp_path)).train()
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    results = DinoTrainer(tiny_recipe(tmp_path, gradient_accumulation_steps=2, epochs=1)).train()
+    assert results["global_step"] == 2
