@@ -57,7 +57,7 @@ def test_several_k_in_one_call():
 
 def test_topk_accuracy():
     scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
-    labels = torch.tensor([1, 2, 0])
+    labels = torch.tensor([1, 1, 0])
     result = topk_accuracy(scores, labels, (1, 2))
     assert result["top1"] == pytest.approx(100 / 3)
     assert result["top2"] == pytest.approx(200 / 3)

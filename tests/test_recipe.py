@@ -53,3 +53,15 @@ def test_bad_value_type_is_named():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_configs_are_valid(path):
     DinoRecipe.from_yaml(path).validate()
+
+
+def test_augmentation_strengths_reach_the_pipelines():
+    from hf_dino.transforms import MultiCropAugmentation
+
+    recipe = parse_recipe(["--blur_probs", "0", "0.3", "0", "--solarize_prob", "0.5", "--blur_sigma", "0.1", "0.5"])
+    augmentation = MultiCropAugmentation(32, 16, local_crops_number=1, params=recipe.augmentation_params())
+    names = [type(t).__name__ for t in augmentation.global_1.transforms]
+    assert "GaussianBlur" not in names  # probability 0: not in the pipeline at all
+    blur = next(t for t in augmentation.global_2.transforms if type(t).__name__ == "GaussianBlur")
+    solarize = next(t for t in augmentation.global_2.transforms if type(t).__name__ == "Solarize")
+    assert blur.p == 0.3 and blur.sigma_limit == (0.1, 0.5) and solarize.p == 0.5

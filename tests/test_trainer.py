@@ -41,8 +41,11 @@ def test_end_to_end_run_writes_the_contracted_outputs(tmp_path, capsys):
     backbone_dir = tmp_path / "teacher_backbone"
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md"):
         assert (backbone_dir / name).exists(), name
-    backbone = AutoModel.from_pretrained(backbone_dir)
+    backbone, loading_info = AutoModel.from_pretrained(backbone_dir, output_loading_info=True)
     assert type(backbone) is ViTModel
+    assert not loading_info["missing_keys"] and not loading_info["unexpected_keys"]
+    cls_token = backbone(pixel_values=torch.randn(1, 3, 16, 16))
+    torch.testing.assert_close(cls_token.pooler_output, cls_token.last_hidden_state[:, 0].tanh())
     extractor = pipeline("image-feature-extraction", model=str(backbone_dir))
     features = torch.tensor(extractor(_pil_image()))
     assert features.shape == (1, 1 + (16 // 4) ** 2, 192)

@@ -188,3 +188,52 @@ def collate_labelled(samples: list[dict | None]) -> dict:
         "labels": torch.tensor([sample["label"] for sample in kept], dtype=torch.long),
         "num_skipped": len(samples) - len(kept),
     }
+
+
+class StreamingMultiCropDataset(torch.utils.data.IterableDataset):
+    """Iterable counterpart of `MultiCropDataset` over a streamed 🤗 `IterableDataset`.
+
+    The stream is split across processes with `split_dataset_by_node` (each process reads its
+    own shards or every world_size-th example), shuffled with a buffer, and re-shuffled per
+    epoch through `set_epoch`. DataLoader workers split the shards further (🤗 datasets does
+    this itself). Crops depend on (seed, epoch, rank, worker, position in the worker's stream).
+    """
+
+    def __init__(self, dataset: datasets.IterableDataset, augmentation: Callable, image_column: str = "image",
+                 seed: int = 0, shuffle_buffer_size: int = 10_000, rank: int = 0, world_size: int = 1):
+        from datasets.distributed import split_dataset_by_node
+
+        dataset = prepare_image_column(dataset, image_column)
+        if world_size > 1:
+            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        self.dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+        self.augmentation = augmentation
+        self.image_column = image_column
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        worker_id = worker.id if worker is not None else 0
+        for position, row in enumerate(self.dataset):
+            image = decode_image(row[self.image_column])
+            if image is None:
+                yield {"crops": None, "index": position}
+                continue
+            seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker_id, position]).generate_state(1)[0])
+            yield {"crops": self.augmentation(image, seed=seed), "index": position}
+
+
+def streamed_split_length(dataset) -> int | None:
+    """Number of examples of a streamed split when its metadata knows it, else None."""
+    info = getattr(dataset, "info", None)
+    splits = getattr(info, "splits", None) or {}
+    split = getattr(dataset, "split", None)
+    if split is not None and str(split) in splits:
+        return splits[str(split)].num_examples
+    return None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from transformers import ViTImageProcessorPil
+from transformers import ViTImageProcessorPil, ViTModel
 from transformers.image_utils import PILImageResampling
 
 from .modeling_dino import DinoModel
@@ -78,11 +78,29 @@ def render_model_card(recipe: DinoRecipe, results: dict, backbone_class: str, re
         wall_time=f"{wall_time / 60:.1f} min" if wall_time else "an unrecorded time", hardware=hardware)
 
 
+def with_identity_pooler(backbone: ViTModel) -> ViTModel:
+    """A copy of a pooler-less `ViTModel` with a pooler whose dense layer is the identity.
+
+    `AutoModel.from_pretrained` builds a `ViTModel` with a pooler; without pooler weights in the
+    checkpoint it would initialise them randomly (and report them missing). An identity dense
+    layer makes `pooler_output = tanh(CLS token)`, a fixed function of the DINO feature.
+    """
+    model = ViTModel(backbone.config, add_pooling_layer=True)
+    missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
+    assert not unexpected and all(key.startswith("pooler.") for key in missing), (missing, unexpected)
+    with torch.no_grad():
+        model.pooler.dense.weight.copy_(torch.eye(backbone.config.hidden_size))
+        model.pooler.dense.bias.zero_()
+    return model
+
+
 def save_teacher_backbone(teacher: DinoModel, directory: str | Path, recipe: DinoRecipe, results: dict) -> Path:
     """Write the teacher's backbone as a plain transformers model folder: config.json,
     model.safetensors, preprocessor_config.json and README.md (the model card)."""
     directory = Path(directory)
     backbone = teacher.backbone
+    if isinstance(backbone, ViTModel):
+        backbone = with_identity_pooler(backbone)
     backbone.save_pretrained(directory)
     build_image_processor(recipe).save_pretrained(directory)
     card = render_model_card(recipe, results, type(backbone).__name__)

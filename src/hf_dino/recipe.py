@@ -37,6 +37,7 @@ class DinoRecipe:
     drop_path_rate: float = 0.1
     # --- teacher and loss ---
     momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0  # cosine schedule momentum_teacher -> momentum_teacher_end
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.07
     warmup_teacher_temp_epochs: int = 30
@@ -62,6 +63,11 @@ class DinoRecipe:
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
     global_crop_size: int = 224
     local_crop_size: int = 96
+    # Gaussian blur probability of (first global, second global, local) crops and its sigma range
+    # in pixels of the crop; solarisation probability of the second global crop (BYOL's values).
+    blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_prob: float = 0.2
     # --- data ---
     dataset_name: str | None = None  # None: the embedded CIFAR-10 demo sample
     train_split: str = "train"
@@ -115,6 +121,15 @@ class DinoRecipe:
         hints = typing.get_type_hints(cls)
         return cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
 
+    def augmentation_params(self):
+        """The recipe's `AugmentationParams` (blur and solarisation; the rest are BYOL's)."""
+        from .transforms import AugmentationParams
+
+        global_1, global_2, local = self.blur_probs
+        return AugmentationParams(blur_sigma=self.blur_sigma, blur_prob_global_1=global_1,
+                                  blur_prob_global_2=global_2, blur_prob_local=local,
+                                  solarize_prob_global_2=self.solarize_prob)
+
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
@@ -140,7 +155,7 @@ class DinoRecipe:
         for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
-        for name in ("momentum_teacher", "center_momentum"):
+        for name in ("momentum_teacher", "momentum_teacher_end", "center_momentum"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must lie in [0, 1]")
         for name in ("batch_size_per_device", "epochs", "out_dim", "gradient_accumulation_steps", "logging_steps"):
@@ -148,6 +163,10 @@ class DinoRecipe:
                 problems.append(f"{name} must be >= 1")
         if self.local_crops_number < 0:
             problems.append("local_crops_number must be >= 0")
+        if not all(0 <= p <= 1 for p in (*self.blur_probs, self.solarize_prob)):
+            problems.append("blur_probs and solarize_prob must lie in [0, 1]")
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            problems.append(f"blur_sigma={self.blur_sigma} must satisfy 0 < min <= max")
         for name in ("global_crops_scale", "local_crops_scale"):
             low, high = getattr(self, name)
             if not 0 < low <= high <= 1:

@@ -12,6 +12,7 @@ copy and applies the same EMA update from the (synchronised) student.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -28,7 +29,15 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .configuration_dino import DinoConfig, build_backbone_config
-from .data import FALLBACK_VAL_SPLITS, MultiCropDataset, collate_multicrop, load_dataset_dict, select_split
+from .data import (
+    FALLBACK_VAL_SPLITS,
+    MultiCropDataset,
+    StreamingMultiCropDataset,
+    collate_multicrop,
+    load_dataset_dict,
+    select_split,
+    streamed_split_length,
+)
 from .evaluation import knn_evaluate_splits
 from .loss import DinoLoss
 from .modeling_dino import DinoModel
@@ -121,37 +130,52 @@ class DinoTrainer:
 
     # ------------------------------------------------------------------ set-up
     def _build_data(self):
-        recipe = self.recipe
+        """Returns (all splits, training dataset, DataLoader, batches per epoch per process)."""
+        recipe, accelerator = self.recipe, self.accelerator
         dataset_dict = load_dataset_dict(recipe.dataset_name, streaming=recipe.streaming)
-        if recipe.streaming:
-            raise ValueError("--streaming is not supported by this trainer yet: drop --streaming "
-                             "(datasets memory-maps local and downloaded data instead).")
         train_split = select_split(dataset_dict, recipe.train_split)
-        if recipe.max_train_samples is not None:
-            train_split = train_split.select(range(min(recipe.max_train_samples, len(train_split))))
         augmentation = MultiCropAugmentation(
             global_crop_size=recipe.global_crop_size, local_crop_size=recipe.local_crop_size,
             global_crops_scale=recipe.global_crops_scale, local_crops_scale=recipe.local_crops_scale,
-            local_crops_number=recipe.local_crops_number)
-        train_dataset = MultiCropDataset(train_split, augmentation, recipe.image_column, seed=recipe.seed)
-        if len(train_dataset) < recipe.batch_size_per_device * self.accelerator.num_processes:
-            raise ValueError(f"The training split has {len(train_dataset)} images, fewer than one global batch; "
-                             "lower --batch_size_per_device or use more data.")
-        dataloader = torch.utils.data.DataLoader(
-            train_dataset, batch_size=recipe.batch_size_per_device, shuffle=True, drop_last=True,
-            num_workers=recipe.num_workers, collate_fn=collate_multicrop,
-            pin_memory=self.accelerator.device.type == "cuda",
-            persistent_workers=False,  # workers must see the new epoch's augmentation seeds
-            prefetch_factor=4 if recipe.num_workers > 0 else None,
-            generator=torch.Generator().manual_seed(recipe.seed))
-        return dataset_dict, train_dataset, dataloader
+            local_crops_number=recipe.local_crops_number, params=recipe.augmentation_params())
+        loader_kwargs = dict(batch_size=recipe.batch_size_per_device, drop_last=True, num_workers=recipe.num_workers,
+                             collate_fn=collate_multicrop, pin_memory=accelerator.device.type == "cuda",
+                             persistent_workers=False,  # workers must see the new epoch's augmentation seeds
+                             prefetch_factor=4 if recipe.num_workers > 0 else None)
+        if recipe.streaming:
+            num_examples = streamed_split_length(train_split)
+            if recipe.max_train_samples is not None:
+                train_split = train_split.take(recipe.max_train_samples)
+                num_examples = min(num_examples or recipe.max_train_samples, recipe.max_train_samples)
+            if num_examples is None:
+                raise ValueError("The streamed split does not declare its length, so an epoch is undefined: "
+                                 "pass --max_train_samples N (one epoch = N images).")
+            train_dataset = StreamingMultiCropDataset(
+                train_split, augmentation, recipe.image_column, seed=recipe.seed,
+                rank=accelerator.process_index, world_size=accelerator.num_processes)
+            # Not prepared by Accelerate: the stream is already split across processes.
+            dataloader = torch.utils.data.DataLoader(train_dataset, **loader_kwargs)
+            batches_per_epoch = num_examples // accelerator.num_processes // recipe.batch_size_per_device
+        else:
+            if recipe.max_train_samples is not None:
+                train_split = train_split.select(range(min(recipe.max_train_samples, len(train_split))))
+            train_dataset = MultiCropDataset(train_split, augmentation, recipe.image_column, seed=recipe.seed)
+            dataloader = torch.utils.data.DataLoader(train_dataset, shuffle=True,
+                                                     generator=torch.Generator().manual_seed(recipe.seed),
+                                                     **loader_kwargs)
+            dataloader = accelerator.prepare(dataloader)
+            batches_per_epoch = len(dataloader)
+        if batches_per_epoch < recipe.gradient_accumulation_steps:
+            raise ValueError(f"The training split holds fewer than {recipe.gradient_accumulation_steps} batches of "
+                             f"{recipe.batch_size_per_device} per process; lower --batch_size_per_device or use more data.")
+        return dataset_dict, train_dataset, dataloader, batches_per_epoch
 
     def _schedule(self, step: int, epoch: int, total_steps: int, steps_per_epoch: int, base_lr: float) -> StepSchedule:
         recipe = self.recipe
         return StepSchedule(
             lr=cosine_schedule(step, total_steps, base_lr, recipe.min_lr, recipe.warmup_epochs * steps_per_epoch),
             weight_decay=cosine_schedule(step, total_steps, recipe.weight_decay, recipe.weight_decay_end),
-            momentum=cosine_schedule(step, total_steps, recipe.momentum_teacher, 1.0),
+            momentum=cosine_schedule(step, total_steps, recipe.momentum_teacher, recipe.momentum_teacher_end),
             teacher_temp=teacher_temperature_schedule(epoch, recipe.warmup_teacher_temp, recipe.teacher_temp,
                                                       recipe.warmup_teacher_temp_epochs),
         )
@@ -161,7 +185,7 @@ class DinoTrainer:
         recipe, accelerator = self.recipe, self.accelerator
         set_seed(recipe.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        dataset_dict, train_dataset, dataloader = self._build_data()
+        dataset_dict, train_dataset, dataloader, batches_per_epoch = self._build_data()
 
         student, teacher = build_student_and_teacher(recipe)
         if recipe.gradient_checkpointing:
@@ -171,7 +195,7 @@ class DinoTrainer:
                              center_momentum=recipe.center_momentum).to(accelerator.device)
         student.to(accelerator.device)
         optimizer = build_optimizer(student, recipe.optimizer, recipe.sgd_momentum)
-        student, optimizer, dataloader = accelerator.prepare(student, optimizer, dataloader)
+        student, optimizer = accelerator.prepare(student, optimizer)
         unwrapped_student = accelerator.unwrap_model(student)
         self.student, self.teacher = unwrapped_student, teacher
         student_parameters = list(unwrapped_student.parameters())
@@ -180,10 +204,8 @@ class DinoTrainer:
 
         global_batch = recipe.batch_size_per_device * accelerator.num_processes * recipe.gradient_accumulation_steps
         base_lr = recipe.lr * global_batch / 256.0  # linear scaling rule
-        steps_per_epoch = len(dataloader) // recipe.gradient_accumulation_steps
+        steps_per_epoch = batches_per_epoch // recipe.gradient_accumulation_steps
         self._steps_per_epoch = steps_per_epoch
-        if steps_per_epoch == 0:
-            raise ValueError("An epoch holds fewer batches than gradient_accumulation_steps; lower it.")
         total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
         num_epochs = math.ceil(total_steps / steps_per_epoch)
 
@@ -194,8 +216,8 @@ class DinoTrainer:
             (self.output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
         accelerator.init_trackers("hf_dino", config={k: v for k, v in recipe.to_dict().items()
                                                      if isinstance(v, (int, float, str, bool))})
-        logger.info("DINO: %d images, global batch %d, %d steps/epoch, %d steps, base lr %.3g",
-                    len(train_dataset), global_batch, steps_per_epoch, total_steps, base_lr)
+        logger.info("DINO: global batch %d, %d steps/epoch, %d steps, base lr %.3g",
+                    global_batch, steps_per_epoch, total_steps, base_lr)
 
         progress = tqdm(total=total_steps, initial=global_step, desc="DINO", disable=not accelerator.is_local_main_process)
         window = {"loss": torch.zeros((), device=accelerator.device),
@@ -211,12 +233,17 @@ class DinoTrainer:
             if global_step >= total_steps:
                 break
             train_dataset.set_epoch(epoch)
-            dataloader.set_epoch(epoch)
+            if hasattr(dataloader, "set_epoch"):
+                dataloader.set_epoch(epoch)
             batches_done = (global_step - epoch * steps_per_epoch) * recipe.gradient_accumulation_steps
-            batches = accelerator.skip_first_batches(dataloader, batches_done) if batches_done else dataloader
+            batches = dataloader
+            if batches_done:  # resuming mid-epoch: the same order, without the batches already seen
+                batches = (itertools.islice(dataloader, batches_done, None) if recipe.streaming
+                           else accelerator.skip_first_batches(dataloader, batches_done))
+            batches = itertools.islice(batches, steps_per_epoch * recipe.gradient_accumulation_steps - batches_done)
             for batch in batches:
                 self._count_skipped(batch)
-                crops = batch["crops"]
+                crops = [crop.to(accelerator.device, non_blocking=True) for crop in batch["crops"]]
                 schedule = self._schedule(global_step, epoch, total_steps, steps_per_epoch, base_lr)
                 with accelerator.accumulate(student):
                     with torch.no_grad(), accelerator.autocast():
@@ -249,18 +276,16 @@ class DinoTrainer:
 
                 if global_step % recipe.logging_steps == 0 or global_step == total_steps:
                     elapsed = time.perf_counter() - window_start
-                    values = torch.stack(list(window.values())).div(window_steps).tolist()
+                    # mean over processes: the logged loss is the global batch's
+                    values = accelerator.reduce(torch.stack(list(window.values())), reduction="mean")
+                    values = values.div(window_steps).tolist()
                     metrics = {"step": global_step, "epoch": round(global_step / steps_per_epoch, 4),
                                **dict(zip(window, values)), "lr": schedule.lr,
                                "weight_decay": schedule.weight_decay, "momentum": schedule.momentum,
                                "teacher_temp": schedule.teacher_temp, "img_per_s": window_images / elapsed,
                                "num_skipped_images": self.num_skipped_images,
                                "elapsed_s": time.perf_counter() - start_time}
-                    if not math.isfinite(metrics["loss"]):
-                        raise NonFiniteLossError(
-                            f"The loss became {metrics['loss']} between steps {global_step - window_steps + 1} and "
-                            f"{global_step}. Lower --lr, raise --warmup_epochs or use --clip_grad; resume from the "
-                            f"last checkpoint in {self.output_dir} (none newer was written).")
+                    self._check_finite(metrics["loss"], global_step - window_steps + 1, global_step)
                     self._log(metrics)
                     last_metrics = metrics
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.1f}")
@@ -272,6 +297,8 @@ class DinoTrainer:
                     self._online_knn(teacher, dataset_dict, global_step)
                     window_start += time.perf_counter() - eval_start  # keep img_per_s a training rate
                 if recipe.checkpointing_steps and global_step % recipe.checkpointing_steps == 0:
+                    if window_steps:  # steps since the last log: never checkpoint non-finite weights
+                        self._check_finite(window["loss"].item(), global_step - window_steps + 1, global_step)
                     self._save_checkpoint(global_step, epoch, teacher, dino_loss)
                 if global_step >= total_steps:
                     break
@@ -288,6 +315,13 @@ class DinoTrainer:
         return results
 
     # ------------------------------------------------------------------ helpers
+    def _check_finite(self, loss: float, first_step: int, last_step: int) -> None:
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"The loss became {loss} between steps {first_step} and {last_step}. Lower --lr, raise "
+                f"--warmup_epochs or use --clip_grad; resume from the last checkpoint in {self.output_dir} "
+                "(none was written after the loss diverged).")
+
     def _count_skipped(self, batch: dict) -> None:
         if batch["num_skipped"]:
             if self.num_skipped_images < 5:
@@ -378,8 +412,11 @@ class DinoTrainer:
         return knn
 
     def _save_final(self, teacher: DinoModel, results: dict) -> None:
-        from .hub import save_teacher_backbone
+        from .hub import push_folder, save_teacher_backbone
 
         teacher.save_pretrained(self.output_dir / "dino")
-        save_teacher_backbone(teacher, self.output_dir / "teacher_backbone", self.recipe, results)
+        backbone_dir = save_teacher_backbone(teacher, self.output_dir / "teacher_backbone", self.recipe, results)
         (self.output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        if self.recipe.push_to_hub:
+            results["pushed"] = push_folder(backbone_dir, self.recipe.hub_model_id,
+                                            commit_message=f"DINO teacher backbone, step {results['global_step']}") is not None

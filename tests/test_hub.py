@@ -1,0 +1,49 @@
+import logging
+
+import torch
+import yaml
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import model_index_to_eval_results
+from transformers import AutoImageProcessor
+
+from hf_dino.hub import build_image_processor, push_folder, render_model_card
+from hf_dino.recipe import DinoRecipe
+
+RESULTS = {"knn": {"k": 20, "temperature": 0.07, "top1": 41.25, "top5": 88.0, "num_val": 1000, "num_train": 5000},
+           "train_time_s": 420.0, "global_step": 234}
+
+
+def test_card_metadata_parses_and_holds_the_run():
+    recipe = DinoRecipe(arch="vit_tiny", patch_size=4, global_crop_size=32, hub_model_id="me/dino-tiny")
+    card = ModelCard(str(render_model_card(recipe, RESULTS, "ViTModel")))
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "image-feature-extraction"
+    assert {"dino", "self-supervised", "vit_tiny"} <= set(data["tags"]) and data["widget"][0]["src"].startswith("https://")
+    name, results = model_index_to_eval_results(data["model-index"])
+    assert name == "dino-tiny" and results[0].metric_value == 41.25
+    assert 'AutoModel.from_pretrained("me/dino-tiny")' in card.text
+    assert "| `patch_size` | `4` |" in card.text and "234 optimizer steps in 7.0 min" in card.text
+    assert "@inproceedings{caron2021emerging" in card.text
+
+
+def test_card_without_evaluation():
+    card = ModelCard(str(render_model_card(DinoRecipe(), {"global_step": 5}, "ViTModel")))
+    assert "model-index" not in card.data.to_dict()
+    assert "No evaluation was run" in card.text
+
+
+def test_image_processor_matches_training_normalisation(tmp_path):
+    build_image_processor(DinoRecipe(global_crop_size=32)).save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    pixel_values = processor(images=torch.full((3, 50, 40), 255, dtype=torch.uint8), return_tensors="pt").pixel_values
+    assert pixel_values.shape == (1, 3, 32, 32)
+    expected = (1.0 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(pixel_values[0, :, 0, 0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_failed_push_is_reported_not_raised(tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "config.json").write_text("{}")
+    with caplog.at_level(logging.WARNING):
+        assert push_folder(tmp_path, "someone/some-model") is None
+    assert "Push of" in caplog.text
