@@ -116,6 +116,9 @@ class DinoTrainer:
             log_with=recipe.report_to,
             project_dir=str(self.output_dir),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # Several processes without a GPU (torchrun, or `accelerate launch --multi_gpu` on a CPU
+            # machine): Accelerate only forms a gloo process group when told to use the CPU.
+            cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         )
         if self.accelerator.device.type == "cpu":
             # `accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which halves a
