@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[20])
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--image_size", type=int, default=None, help="default: the model's native size")
+    parser.add_argument("--resize_ratio", type=float, default=256 / 224,
+                        help="resize to image_size * ratio, then centre-crop image_size (1.0: whole image)")
     parser.add_argument("--max_train_samples", type=int, default=None)
     parser.add_argument("--max_val_samples", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=256)
@@ -54,7 +56,7 @@ def main() -> None:
         model, train_split, val_split, crop_size=args.image_size or native_size, ks=args.k,
         temperature=args.temperature, image_column=args.image_column, label_column=args.label_column,
         batch_size=args.batch_size, num_workers=args.num_workers, device=device,
-        max_train_samples=args.max_train_samples)
+        max_train_samples=args.max_train_samples, resize_ratio=args.resize_ratio)
     text = json.dumps(result, indent=2)
     print(text)
     if args.output_json:

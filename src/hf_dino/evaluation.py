@@ -108,16 +108,19 @@ def knn_evaluate(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 def knn_evaluate_splits(model: nn.Module, train_split, val_split, *, crop_size: int, ks: Sequence[int] = (20,),
                         temperature: float = 0.07, image_column: str = "image", label_column: str = "label",
                         batch_size: int = 256, num_workers: int = 0, device: torch.device | str = "cpu",
-                        max_train_samples: int | None = None, chunk_size: int = 1024) -> dict:
+                        max_train_samples: int | None = None, chunk_size: int = 1024,
+                        resize_ratio: float = 256 / 224) -> dict:
     """k-NN of a frozen model: `train_split` (a 🤗 `Dataset`) is the memory bank, `val_split` the
-    queries. Returns the `eval_knn` contract: {"top1", "top5", "k", "temperature", "num_train",
+    queries, both resized to crop_size * resize_ratio and centre-cropped to crop_size (the
+    reference's 256/224 by default; 1.0 keeps whole low-resolution images such as CIFAR's).
+    Returns the `eval_knn` contract: {"top1", "top5", "k", "temperature", "num_train",
     "num_val", "num_skipped"} for the first k, plus {"per_k": {k: {"top1", "top5"}}}."""
     from .data import LabelledImageDataset, collate_labelled
     from .transforms import evaluation_transform
 
     if max_train_samples is not None:
         train_split = train_split.select(range(min(max_train_samples, len(train_split))))
-    transform = evaluation_transform(crop_size)
+    transform = evaluation_transform(crop_size, resize_ratio)
     extracted = {}
     for name, split in (("train", train_split), ("val", val_split)):
         loader = torch.utils.data.DataLoader(
