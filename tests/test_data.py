@@ -79,3 +79,11 @@ def test_multicrop_dataset_crops_depend_on_seed_epoch_and_index():
     assert all(torch.equal(a, b) for a, b in zip(first, dataset[1]["crops"]))
     dataset.set_epoch(1)
     assert not torch.equal(first[0], dataset[1]["crops"][0])
+
+
+def test_hub_ids_and_local_paths_are_told_apart():
+    from hf_dino.data import looks_like_local_path
+
+    assert not looks_like_local_path("imagenet-1k") and not looks_like_local_path("ILSVRC/imagenet-1k")
+    assert looks_like_local_path("./data") and looks_like_local_path("/data/x") and looks_like_local_path("a/b/c")
+    assert looks_like_local_path("shards/*.parquet")

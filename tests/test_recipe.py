@@ -65,3 +65,7 @@ def test_augmentation_strengths_reach_the_pipelines():
     blur = next(t for t in augmentation.global_2.transforms if type(t).__name__ == "GaussianBlur")
     solarize = next(t for t in augmentation.global_2.transforms if type(t).__name__ == "Solarize")
     assert blur.p == 0.3 and blur.sigma_limit == (0.1, 0.5) and solarize.p == 0.5
+
+
+def test_hub_dataset_ids_pass_validation():
+    assert parse_recipe(["--dataset_name", "ILSVRC/imagenet-1k"]).dataset_name == "ILSVRC/imagenet-1k"

@@ -119,3 +119,26 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     results = DinoTrainer(tiny_recipe(tmp_path, gradient_accumulation_steps=2, epochs=1)).train()
     assert results["global_step"] == 2
+
+
+def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    original_save_state = Accelerator.save_state
+    calls = []
+
+    def crash_on_second_save(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            original_save_state(self, output_dir, **kwargs)  # a partly written folder...
+            raise KeyboardInterrupt("killed while writing")  # ...then the process dies
+        return original_save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", crash_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        DinoTrainer(tiny_recipe(tmp_path, checkpointing_steps=3)).train()
+    assert (tmp_path / "checkpoint-6.tmp").exists() and not (tmp_path / "checkpoint-6").exists()
+    assert find_latest_checkpoint(tmp_path).name == "checkpoint-3"
+    monkeypatch.setattr(Accelerator, "save_state", original_save_state)
+    results = DinoTrainer(tiny_recipe(tmp_path, checkpointing_steps=3, resume_from_checkpoint="latest")).train()
+    assert results["global_step"] == 8 and (tmp_path / "checkpoint-6").exists()

@@ -36,19 +36,25 @@ def load_dataset_dict(dataset_name: str | os.PathLike | None, streaming: bool = 
     """Load every split of `dataset_name` (None: the embedded CIFAR-10 demo sample)."""
     if dataset_name is None:
         dataset_name = DEMO_DATASET_DIR
-    dataset_name = str(dataset_name)
+    dataset_name = os.path.expanduser(str(dataset_name))
     if any(char in dataset_name for char in "*?["):
         files = sorted(globlib.glob(dataset_name))
         if not files:
             raise FileNotFoundError(f"--dataset_name {dataset_name!r}: the glob matches no file.")
         builder = _EXTENSION_BUILDERS.get(Path(files[0]).suffix, "imagefolder")
         return datasets.load_dataset(builder, data_files={"train": files}, streaming=streaming)
-    if os.path.sep in dataset_name or dataset_name.startswith("."):
-        if not os.path.exists(dataset_name):
-            raise FileNotFoundError(
-                f"--dataset_name {dataset_name!r} does not exist. Give a Hub dataset id, a local directory "
-                "(image folder or parquet files named by split) or a file glob.")
+    if looks_like_local_path(dataset_name) and not os.path.exists(dataset_name):
+        raise FileNotFoundError(
+            f"--dataset_name {dataset_name!r} does not exist. Give a Hub dataset id, a local directory "
+            "(image folder or parquet files named by split) or a file glob.")
     return datasets.load_dataset(dataset_name, streaming=streaming)
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True for names that can only mean a local path: absolute, relative (./, ../, ~) or with more
+    than one '/' (a Hub id is `name` or `org/name`). Globs and existing paths count too."""
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or any(c in name for c in "*?[")
+            or os.path.exists(name))
 
 
 def select_split(dataset_dict, split: str, *, fallbacks: tuple[str, ...] = ()) -> Any:

@@ -179,9 +179,10 @@ class DinoRecipe:
             problems.append("checkpointing_steps must be >= 1 (or unset)")
         if self.push_to_hub and not self.hub_model_id:
             problems.append("push_to_hub needs --hub_model_id ORG/NAME")
-        if self.dataset_name is not None and ("/" in self.dataset_name or self.dataset_name.startswith(".")):
-            local = Path(self.dataset_name)
-            if not any(c in self.dataset_name for c in "*?[") and not local.exists() and self.dataset_name.count("/") != 1:
+        if self.dataset_name is not None and not any(c in self.dataset_name for c in "*?["):
+            from .data import looks_like_local_path
+
+            if looks_like_local_path(self.dataset_name) and not Path(self.dataset_name).expanduser().exists():
                 problems.append(f"dataset_name {self.dataset_name!r} does not exist; give a Hub id, "
                                 "a local directory or a file glob")
         if problems:
