@@ -36,6 +36,8 @@ def test_end_to_end_run_writes_the_contracted_outputs(tmp_path, capsys):
 
     knn = results["knn"]
     assert {"top1", "top5", "k", "num_train", "num_val"} <= set(knn) and knn["num_val"] == 1000
+    assert knn["split"] == "test"  # no "validation" split in the demo data: the fallback was used
+    assert "split: test" in (tmp_path / "teacher_backbone" / "README.md").read_text()
     assert "k-NN (k=20, T=0.07)" in capsys.readouterr().out
 
     backbone_dir = tmp_path / "teacher_backbone"

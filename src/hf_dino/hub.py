@@ -50,7 +50,8 @@ def render_model_card(recipe: DinoRecipe, results: dict, backbone_class: str, re
     if knn:
         eval_results = [EvalResult(task_type="image-classification", dataset_type=dataset_id or "cifar10",
                                    dataset_name=dataset, metric_type="accuracy", metric_name=f"k-NN top-1 (k={knn['k']})",
-                                   metric_value=round(knn["top1"], 2), dataset_split=recipe.val_split)]
+                                   metric_value=round(knn["top1"], 2),
+                                   dataset_split=knn.get("split", recipe.val_split))]
         evaluation_text = (f"Weighted {knn['k']}-NN (T={knn['temperature']}) on frozen features: top-1 "
                            f"**{knn['top1']:.2f}%**, top-5 {knn['top5']:.2f}% ({knn['num_val']} held-out images, "
                            f"{knn['num_train']} training images as the memory bank).")

@@ -410,6 +410,7 @@ class DinoTrainer:
             temperature=recipe.knn_temperature, image_column=recipe.image_column, label_column=recipe.label_column,
             num_workers=recipe.num_workers, device=self.accelerator.device,
             max_train_samples=recipe.knn_max_train_samples)
+        knn["split"] = str(getattr(val_split, "split", None) or recipe.val_split)  # after the fallback
         print(f"k-NN (k={recipe.knn_k}, T={recipe.knn_temperature}) of the teacher on {knn['num_val']} held-out "
               f"images: top-1 {knn['top1']:.2f}%, top-5 {knn['top5']:.2f}%")
         return knn
