@@ -144,3 +144,12 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypa
     monkeypatch.setattr(Accelerator, "save_state", original_save_state)
     results = DinoTrainer(tiny_recipe(tmp_path, checkpointing_steps=3, resume_from_checkpoint="latest")).train()
     assert results["global_step"] == 8 and (tmp_path / "checkpoint-6").exists()
+
+
+def test_online_knn_is_logged_with_the_step_metrics(tmp_path):
+    DinoTrainer(tiny_recipe(tmp_path, eval_every=3, knn_max_train_samples=100)).train()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [line for line in lines if "knn_top1" in line]
+    assert [line["step"] for line in evaluated] == [3, 6]
+    assert all(METRIC_KEYS <= set(line) and 0 <= line["knn_top1"] <= 100 for line in evaluated)
+    assert all(METRIC_KEYS <= set(line) for line in lines)

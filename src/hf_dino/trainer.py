@@ -127,7 +127,6 @@ class DinoTrainer:
             local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes)))
             torch.set_num_threads(recipe.num_threads or max(1, cores // local_processes))
         self.num_skipped_images = 0
-        self._steps_per_epoch = 0
         self.student: DinoModel | None = None  # set by train(): unwrapped student and teacher
         self.teacher: DinoModel | None = None
 
@@ -208,7 +207,6 @@ class DinoTrainer:
         global_batch = recipe.batch_size_per_device * accelerator.num_processes * recipe.gradient_accumulation_steps
         base_lr = recipe.lr * global_batch / 256.0  # linear scaling rule
         steps_per_epoch = batches_per_epoch // recipe.gradient_accumulation_steps
-        self._steps_per_epoch = steps_per_epoch
         total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
         num_epochs = math.ceil(total_steps / steps_per_epoch)
 
@@ -277,7 +275,9 @@ class DinoTrainer:
                 window_steps += 1
                 progress.update(1)
 
-                if global_step % recipe.logging_steps == 0 or global_step == total_steps:
+                evaluate_now = (bool(recipe.eval_every) and global_step % recipe.eval_every == 0
+                                and global_step < total_steps)
+                if evaluate_now or global_step % recipe.logging_steps == 0 or global_step == total_steps:
                     elapsed = time.perf_counter() - window_start
                     # mean over processes: the logged loss is the global batch's
                     values = accelerator.reduce(torch.stack(list(window.values())), reduction="mean")
@@ -289,16 +289,15 @@ class DinoTrainer:
                                "num_skipped_images": self.num_skipped_images,
                                "elapsed_s": time.perf_counter() - start_time}
                     self._check_finite(metrics["loss"], global_step - window_steps + 1, global_step)
+                    if evaluate_now:
+                        metrics.update(self._online_knn(teacher, dataset_dict))
                     self._log(metrics)
                     last_metrics = metrics
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.1f}")
                     for value in window.values():
                         value.zero_()
+                    # the window restarts after any evaluation, so img_per_s stays a training rate
                     window_steps, window_images, window_start = 0, 0, time.perf_counter()
-                if recipe.eval_every and global_step % recipe.eval_every == 0 and global_step < total_steps:
-                    eval_start = time.perf_counter()
-                    self._online_knn(teacher, dataset_dict, global_step)
-                    window_start += time.perf_counter() - eval_start  # keep img_per_s a training rate
                 if recipe.checkpointing_steps and global_step % recipe.checkpointing_steps == 0:
                     if window_steps:  # steps since the last log: never checkpoint non-finite weights
                         self._check_finite(window["loss"].item(), global_step - window_steps + 1, global_step)
@@ -384,14 +383,15 @@ class DinoTrainer:
         logger.info("Resumed from %s at step %d", path, state["global_step"])
         return state["global_step"]
 
-    def _online_knn(self, teacher: DinoModel, dataset_dict, step: int) -> None:
-        """k-NN of the teacher during training, logged as `knn_top1` / `knn_top5` (main process)."""
+    def _online_knn(self, teacher: DinoModel, dataset_dict) -> dict:
+        """k-NN of the teacher during training (main process): {"knn_top1", "knn_top5"} or {}."""
+        result = {}
         if self.accelerator.is_main_process:
             knn = self.evaluate_knn(teacher, dataset_dict)
             if knn is not None:
-                self._log({"step": step, "epoch": round(step / max(1, self._steps_per_epoch), 4),
-                           "knn_top1": knn["top1"], "knn_top5": knn["top5"]})
+                result = {"knn_top1": knn["top1"], "knn_top5": knn["top5"]}
         self.accelerator.wait_for_everyone()
+        return result
 
     def evaluate_knn(self, teacher: DinoModel, dataset_dict) -> dict | None:
         """Weighted k-NN of the teacher backbone: train split as memory bank, held-out split as queries."""
