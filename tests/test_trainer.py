@@ -153,3 +153,10 @@ def test_online_knn_is_logged_with_the_step_metrics(tmp_path):
     assert [line["step"] for line in evaluated] == [3, 6]
     assert all(METRIC_KEYS <= set(line) and 0 <= line["knn_top1"] <= 100 for line in evaluated)
     assert all(METRIC_KEYS <= set(line) for line in lines)
+
+
+def test_streaming_run(tmp_path):
+    results = DinoTrainer(tiny_recipe(tmp_path, streaming=True, max_train_samples=32, epochs=1)).train()
+    assert results["global_step"] == 4
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4]
