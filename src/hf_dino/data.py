@@ -121,9 +121,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A per-sample augmentation seed that depends only on (run seed, epoch, sample index)."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+def sample_seed(seed: int, epoch: int, *position: int) -> int:
+    """A per-sample augmentation seed that depends only on (run seed, epoch, sample position),
+    the position being the dataset index, or (rank, worker, index in the stream) when streaming."""
+    return int(np.random.SeedSequence([seed, epoch, *position]).generate_state(1)[0])
+
+
+def multicrop_sample(image_cell: Any, augmentation: Callable, seed: int, index: int) -> dict:
+    """Decode one image cell and crop it: {"crops": list of V tensors, or None if undecodable, "index"}."""
+    image = decode_image(image_cell)
+    return {"crops": None if image is None else augmentation(image, seed=seed), "index": index}
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
@@ -146,11 +153,9 @@ class MultiCropDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict | None:
-        image = decode_image(self.dataset[index][self.image_column])
-        if image is None:
-            return {"crops": None, "index": index}
-        return {"crops": self.augmentation(image, seed=sample_seed(self.seed, self.epoch, index)), "index": index}
+    def __getitem__(self, index: int) -> dict:
+        return multicrop_sample(self.dataset[index][self.image_column], self.augmentation,
+                                sample_seed(self.seed, self.epoch, index), index)
 
 
 def collate_multicrop(samples: list[dict]) -> dict:
@@ -227,12 +232,8 @@ class StreamingMultiCropDataset(torch.utils.data.IterableDataset):
         worker = torch.utils.data.get_worker_info()
         worker_id = worker.id if worker is not None else 0
         for position, row in enumerate(self.dataset):
-            image = decode_image(row[self.image_column])
-            if image is None:
-                yield {"crops": None, "index": position}
-                continue
-            seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker_id, position]).generate_state(1)[0])
-            yield {"crops": self.augmentation(image, seed=seed), "index": position}
+            seed = sample_seed(self.seed, self.epoch, self.rank, worker_id, position)
+            yield multicrop_sample(row[self.image_column], self.augmentation, seed, position)
 
 
 def streamed_split_length(dataset) -> int | None:

@@ -420,7 +420,7 @@ class DinoTrainer:
 
         teacher.save_pretrained(self.output_dir / "dino")
         backbone_dir = save_teacher_backbone(teacher, self.output_dir / "teacher_backbone", self.recipe, results)
-        (self.output_dir / "results.json").write_text(json.dumps(results, indent=2))
         if self.recipe.push_to_hub:
             results["pushed"] = push_folder(backbone_dir, self.recipe.hub_model_id,
                                             commit_message=f"DINO teacher backbone, step {results['global_step']}") is not None
+        (self.output_dir / "results.json").write_text(json.dumps(results, indent=2))
