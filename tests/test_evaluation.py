@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from hf_dino.evaluation import knn_class_scores, knn_evaluate, topk_accuracy
+from hf_dino.evaluation import knn_class_scores, knn_evaluate, load_metric, topk_accuracy
 
 
 def brute_force_knn(train, train_labels, test, test_labels, k, temperature, num_classes):
@@ -61,3 +61,23 @@ def test_topk_accuracy():
     result = topk_accuracy(scores, labels, (1, 2))
     assert result["top1"] == pytest.approx(100 / 3)
     assert result["top2"] == pytest.approx(200 / 3)
+
+
+def test_packaged_metrics_load_offline_and_match_counts(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    predictions, references = [3, 1, 2, 2, 0], [3, 1, 0, 2, 1]
+    assert load_metric("accuracy").compute(predictions=predictions, references=references) == {"accuracy": 3 / 5}
+    ranked = [[0, 1, 2], [2, 1, 0], [1, 0, 2], [2, 0, 1]]
+    result = load_metric("top_k_accuracy").compute(predictions=ranked, references=[0, 0, 2, 1], k=[1, 2, 3])
+    assert result == {"top1": 1 / 4, "top2": 1 / 4, "top3": 4 / 4}
+
+
+def test_unknown_metric_names_the_shipped_ones():
+    with pytest.raises(ValueError, match="accuracy, top_k_accuracy"):
+        load_metric("f1")
+
+
+def test_topk_with_fewer_classes_than_k():
+    scores = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
+    result = topk_accuracy(scores, torch.tensor([0, 1]), (1, 5))
+    assert result == {"top1": 0.0, "top5": 100.0}

@@ -7,7 +7,9 @@ the class scores rank the predictions (top-1 / top-5).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -42,11 +44,12 @@ def backbone_cls_features(model: nn.Module, pixel_values: torch.Tensor) -> torch
 @torch.no_grad()
 def extract_features(model: nn.Module, batches: Iterable[dict], device: torch.device | str = "cpu",
                      description: str = "features", disable_progress: bool = False,
-                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                     feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = backbone_cls_features,
+                     normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Run a frozen model over batches {"pixel_values", "labels", "num_skipped"}.
 
-    Returns L2-normalised features (N, D) float32, labels (N,) long, and the number of
-    skipped (undecodable) images.
+    Returns features (N, D) float32 (`feature_fn(model, pixels)`, L2-normalised unless
+    `normalize=False`), labels (N,) long, and the number of skipped (undecodable) images.
     """
     was_training = model.training
     model.eval()
@@ -55,8 +58,8 @@ def extract_features(model: nn.Module, batches: Iterable[dict], device: torch.de
         skipped += int(batch.get("num_skipped", 0))
         if batch["pixel_values"].numel() == 0:
             continue
-        output = backbone_cls_features(model, batch["pixel_values"].to(device))
-        features.append(nn.functional.normalize(output.float(), dim=-1).cpu())
+        output = feature_fn(model, batch["pixel_values"].to(device)).float()
+        features.append((nn.functional.normalize(output, dim=-1) if normalize else output).cpu())
         labels.append(batch["labels"].cpu())
     model.train(was_training)
     if not features:
@@ -84,11 +87,31 @@ def knn_class_scores(train_features: torch.Tensor, train_labels: torch.Tensor, t
     return torch.cat(scores)
 
 
+METRICS_DIR = Path(__file__).parent / "metrics"
+
+
+@functools.cache
+def load_metric(name: str):
+    """One of hf_dino's `evaluate` modules (`accuracy`, `top_k_accuracy`), loaded by path: the
+    Hub copies that `evaluate.load("accuracy")` fetches are unreachable offline."""
+    import evaluate
+
+    path = METRICS_DIR / name
+    if not (path / f"{name}.py").exists():
+        available = sorted(p.name for p in METRICS_DIR.iterdir() if (p / f"{p.name}.py").exists())
+        raise ValueError(f"Unknown metric {name!r}; hf_dino ships {', '.join(available)}")
+    return evaluate.load(str(path))
+
+
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Percentage of rows whose label is among the `k` highest scores, for each k (ties broken by index)."""
-    ranked = scores.argsort(dim=1, descending=True, stable=True)
-    hits = ranked == labels[:, None]
-    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in topk}
+    """Percentage of rows of `scores` (N, C) whose label (N,) is among the k highest scores, for
+    each k (ties broken by class index), through the packaged `top_k_accuracy` metric."""
+    depth = min(max(topk), scores.shape[1])
+    ranked = scores.argsort(dim=1, descending=True, stable=True)[:, :depth]
+    cutoffs = [min(k, depth) for k in topk]
+    fractions = load_metric("top_k_accuracy").compute(predictions=ranked.cpu().numpy(),
+                                                      references=labels.cpu().numpy(), k=sorted(set(cutoffs)))
+    return {f"top{k}": 100.0 * fractions[f"top{cutoff}"] for k, cutoff in zip(topk, cutoffs)}
 
 
 def knn_evaluate(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
@@ -151,12 +174,11 @@ def load_frozen_backbone(name_or_path: str, device: torch.device | str = "cpu", 
     from . import DinoConfig  # noqa: F401  (registers DinoModel with AutoModel)
 
     config = AutoConfig.from_pretrained(name_or_path)
-    kwargs = {"add_pooling_layer": False} if config.model_type == "vit" else {}
     if random_init:
         torch.manual_seed(seed)
-        model = AutoModel.from_config(config, **kwargs)
+        model = AutoModel.from_config(config)
     else:
-        model = AutoModel.from_pretrained(name_or_path, **kwargs)
+        model = AutoModel.from_pretrained(name_or_path)
     model = model.to(device).eval()
     backbone_config = getattr(config, "backbone_config", None) or config
     image_size = getattr(backbone_config, "image_size", 224)

@@ -105,3 +105,14 @@ def evaluation_transform(crop_size: int, resize_ratio: float = 256 / 224) -> A.C
         A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
         ToTensorV2(),
     ])
+
+
+def linear_probe_train_transform(crop_size: int, scale: tuple[float, float] = (0.08, 1.0)) -> A.Compose:
+    """The reference linear-evaluation training augmentation: random-resized crop (bicubic) and
+    horizontal flip, then normalisation. Returns (3, crop_size, crop_size) under "image"."""
+    return A.Compose([
+        A.RandomResizedCrop(size=(crop_size, crop_size), scale=scale, interpolation=cv2.INTER_CUBIC),
+        A.HorizontalFlip(p=0.5),
+        A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
+        ToTensorV2(),
+    ])
