@@ -47,3 +47,45 @@ def test_failed_push_is_reported_not_raised(tmp_path, caplog, monkeypatch):
     with caplog.at_level(logging.WARNING):
         assert push_folder(tmp_path, "someone/some-model") is None
     assert "Push of" in caplog.text
+
+
+def tiny_teacher_backbone(tmp_path):
+    from hf_dino.hub import save_teacher_backbone
+    from hf_dino.trainer import build_student_and_teacher
+
+    recipe = DinoRecipe(arch="vit_tiny", patch_size=8, num_hidden_layers=2, global_crop_size=32, local_crop_size=16,
+                        out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16)
+    _, teacher = build_student_and_teacher(recipe)
+    return teacher, save_teacher_backbone(teacher, tmp_path / "teacher_backbone", recipe, {"global_step": 1})
+
+
+def test_teacher_backbone_fine_tunes_as_vit_for_image_classification(tmp_path):
+    """The path of docs/FINETUNING.md: ViTForImageClassification from the teacher backbone, Trainer steps."""
+    import numpy as np
+    from datasets import ClassLabel, Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+    from transformers import Trainer, TrainingArguments, ViTForImageClassification
+
+    teacher, backbone_dir = tiny_teacher_backbone(tmp_path)
+    model = ViTForImageClassification.from_pretrained(backbone_dir, num_labels=3)
+    for name, value in teacher.backbone.state_dict().items():  # the encoder is DINO's, unchanged
+        torch.testing.assert_close(model.vit.state_dict()[name], value)
+    processor = AutoImageProcessor.from_pretrained(backbone_dir)
+    rng = np.random.default_rng(0)
+    images = [PILImage.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)) for _ in range(8)]
+    data = Dataset.from_dict({"image": images, "label": [i % 3 for i in range(8)]},
+                             features=Features({"image": Image(), "label": ClassLabel(num_classes=3)}))
+    data = data.with_transform(lambda batch: {"pixel_values": processor(batch["image"])["pixel_values"],
+                                              "label": batch["label"]})
+
+    def collate(rows):
+        return {"pixel_values": torch.stack([torch.as_tensor(np.asarray(r["pixel_values"])) for r in rows]),
+                "labels": torch.tensor([r["label"] for r in rows])}
+
+    before = model.classifier.weight.detach().clone()
+    trainer = Trainer(model=model, train_dataset=data, data_collator=collate,
+                      args=TrainingArguments(output_dir=str(tmp_path / "ft"), per_device_train_batch_size=4,
+                                             max_steps=2, report_to="none", save_strategy="no",
+                                             remove_unused_columns=False, use_cpu=True))
+    assert trainer.train().global_step == 2
+    assert not torch.equal(model.classifier.weight, before)
