@@ -129,3 +129,32 @@ def test_save_and_load_with_automodel(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits)
     assert loaded.config.backbone_config.layer_norm_eps == 1e-6
+
+
+def test_saved_dino_folder_loads_with_remote_code_without_hf_dino(tmp_path):
+    """auto_map + the copied source files: a fresh process where `import hf_dino` fails."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = DinoModel(tiny_config()).eval()
+    model.save_pretrained(tmp_path / "dino")
+    assert {"configuration_dino.py", "modeling_dino.py"} <= {p.name for p in (tmp_path / "dino").iterdir()}
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.save(model(x).logits, tmp_path / "expected.pt")
+    torch.save(x, tmp_path / "x.pt")
+    code = f"""
+import sys
+sys.modules["hf_dino"] = None  # any import of hf_dino now raises ImportError
+import torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained({str(tmp_path / 'dino')!r}, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+with torch.no_grad():
+    logits = model(torch.load({str(tmp_path / 'x.pt')!r})).logits
+torch.testing.assert_close(logits, torch.load({str(tmp_path / 'expected.pt')!r}))
+print("remote code OK")
+"""
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0 and "remote code OK" in completed.stdout, completed.stderr[-2000:]

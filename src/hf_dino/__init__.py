@@ -10,6 +10,11 @@ from .transforms import MultiCropAugmentation, evaluation_transform
 
 AutoConfig.register(DinoConfig.model_type, DinoConfig, exist_ok=True)
 AutoModel.register(DinoConfig, DinoModel, exist_ok=True)
+# `save_pretrained` then writes an `auto_map` and copies configuration_dino.py / modeling_dino.py
+# beside the weights, so a saved `dino/` folder also loads with `trust_remote_code=True` where
+# hf_dino is not installed.
+DinoConfig.register_for_auto_class()
+DinoModel.register_for_auto_class("AutoModel")
 
 __version__ = "0.1.0"
 __all__ = [
