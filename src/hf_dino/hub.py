@@ -45,28 +45,44 @@ def render_model_card(recipe: DinoRecipe, results: dict, backbone_class: str, re
     dataset = recipe.dataset_name or "cifar10 (hf_dino's embedded 5,000-image demo sample)"
     dataset_id = recipe.dataset_name if recipe.dataset_name and "/" not in recipe.dataset_name.strip("/")[:-1] else None
     repo_id = repo_id or recipe.hub_model_id or "path/to/teacher_backbone"
-    knn = results.get("knn")
-    eval_results = None
+    knn, linear = results.get("knn"), results.get("linear")
+    eval_results, evaluation_lines = [], []
     if knn:
-        eval_results = [EvalResult(task_type="image-classification", dataset_type=dataset_id or "cifar10",
-                                   dataset_name=dataset, metric_type="accuracy", metric_name=f"k-NN top-1 (k={knn['k']})",
-                                   metric_value=round(knn["top1"], 2),
-                                   dataset_split=knn.get("split", recipe.val_split))]
-        evaluation_text = (f"Weighted {knn['k']}-NN (T={knn['temperature']}) on frozen features: top-1 "
-                           f"**{knn['top1']:.2f}%**, top-5 {knn['top5']:.2f}% ({knn['num_val']} held-out images, "
-                           f"{knn['num_train']} training images as the memory bank).")
-    else:
-        evaluation_text = "No evaluation was run for this checkpoint."
+        eval_results.append(EvalResult(
+            task_type="image-classification", dataset_type=dataset_id or "cifar10", dataset_name=dataset,
+            metric_type="accuracy", metric_name=f"k-NN top-1 (k={knn['k']})", metric_value=round(knn["top1"], 2),
+            dataset_split=knn.get("split", recipe.val_split)))
+        evaluation_lines.append(
+            f"Weighted {knn['k']}-NN (T={knn['temperature']}) on frozen features: top-1 **{knn['top1']:.2f}%**, "
+            f"top-5 {knn['top5']:.2f}% ({knn['num_val']} held-out images, {knn['num_train']} training images as "
+            "the memory bank).")
+    if linear:
+        eval_results.append(EvalResult(
+            task_type="image-classification", dataset_type=dataset_id or "cifar10", dataset_name=dataset,
+            metric_type="accuracy", metric_name="linear probe top-1", metric_value=round(linear["top1"], 2),
+            dataset_split=linear.get("split", recipe.val_split)))
+        evaluation_lines.append(
+            f"Linear probe on frozen features ({linear.get('epochs', '?')} epochs, lr {linear.get('lr', '?')}): "
+            f"top-1 **{linear['top1']:.2f}%**, top-5 {linear['top5']:.2f}%.")
+    evaluation_text = "\n\n".join(evaluation_lines) or "No evaluation was run for this checkpoint."
     card_data = ModelCardData(
         library_name="transformers", pipeline_tag="image-feature-extraction", license="apache-2.0",
         tags=["dino", "self-supervised", "vision", "hf_dino", recipe.arch],
         datasets=[dataset_id] if dataset_id else None, model_name=repo_id.split("/")[-1],
-        eval_results=eval_results, widget=[{"src": WIDGET_IMAGE, "example_title": "Cats"}])
+        eval_results=eval_results or None, widget=[{"src": WIDGET_IMAGE, "example_title": "Cats"}])
     is_vit = recipe.arch.startswith("vit")
     train = results.get("train", {})
     wall_time = results.get("train_time_s")
     hardware = (torch.cuda.get_device_name() if torch.cuda.is_available()
                 else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    if results.get("source"):
+        training_text = (f"Converted with hf_dino's `scripts/convert_dino_checkpoint.py` from the reference "
+                         f"checkpoint `{Path(results['source']).name}`; the recipe rows come from that run's "
+                         "arguments where the checkpoint stores them.")
+    else:
+        steps = results.get("global_step", train.get("step", "?"))
+        training_text = (f"Training data: {dataset}. {steps} optimizer steps in "
+                         f"{f'{wall_time / 60:.1f} min' if wall_time else 'an unrecorded time'} on {hardware}.")
     return ModelCard.from_template(
         card_data, template_path=str(find_card_template()),
         model_name=repo_id.split("/")[-1], repo_id=repo_id, backbone_class=backbone_class,
@@ -75,8 +91,7 @@ def render_model_card(recipe: DinoRecipe, results: dict, backbone_class: str, re
         evaluation_text=evaluation_text,
         recipe_rows=[(k, v) for k, v in recipe.to_dict().items()
                      if k not in ("output_dir", "resume_from_checkpoint", "report_to", "push_to_hub")],
-        dataset_description=dataset, steps=results.get("global_step", train.get("step", "?")),
-        wall_time=f"{wall_time / 60:.1f} min" if wall_time else "an unrecorded time", hardware=hardware)
+        training_text=training_text)
 
 
 def with_identity_pooler(backbone: ViTModel) -> ViTModel:
@@ -96,11 +111,15 @@ def with_identity_pooler(backbone: ViTModel) -> ViTModel:
 
 
 def save_teacher_backbone(teacher: DinoModel, directory: str | Path, recipe: DinoRecipe, results: dict) -> Path:
-    """Write the teacher's backbone as a plain transformers model folder: config.json,
-    model.safetensors, preprocessor_config.json and README.md (the model card)."""
+    """Write the teacher's backbone as a plain transformers model folder (see `save_backbone_folder`)."""
+    return save_backbone_folder(teacher.backbone, directory, recipe, results)
+
+
+def save_backbone_folder(backbone, directory: str | Path, recipe: DinoRecipe, results: dict) -> Path:
+    """Write a backbone as a plain transformers model folder: config.json, model.safetensors,
+    preprocessor_config.json and README.md (the model card)."""
     directory = Path(directory)
-    backbone = teacher.backbone
-    if isinstance(backbone, ViTModel):
+    if isinstance(backbone, ViTModel) and backbone.pooler is None:
         backbone = with_identity_pooler(backbone)
     backbone.save_pretrained(directory)
     build_image_processor(recipe).save_pretrained(directory)
