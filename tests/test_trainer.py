@@ -160,3 +160,29 @@ def test_streaming_run(tmp_path):
     assert results["global_step"] == 4
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 4]
+
+
+def test_init_backbone_starts_student_and_teacher_from_a_vitmodel(tmp_path):
+    from hf_dino.configuration_dino import build_backbone_config
+
+    torch.manual_seed(5)
+    source = ViTModel(build_backbone_config("vit_tiny", 4, 64, num_hidden_layers=1))  # other grid, with pooler
+    source.save_pretrained(tmp_path / "released")
+    recipe = tiny_recipe(tmp_path / "run", init_backbone=str(tmp_path / "released"))
+    student, teacher = build_student_and_teacher(recipe)
+    for name, value in source.state_dict().items():
+        if not name.startswith("pooler."):
+            assert torch.equal(student.backbone.state_dict()[name], value), name
+            assert torch.equal(teacher.backbone.state_dict()[name], value), name
+    assert student.config.backbone_config.image_size == 64  # 16 px crops interpolate the 16x16 grid
+    assert student(torch.randn(2, 3, 16, 16)).logits.shape == (2, 64)
+
+
+def test_init_backbone_of_another_architecture_is_a_clear_error(tmp_path):
+    from hf_dino.configuration_dino import build_backbone_config
+
+    ViTModel(build_backbone_config("vit_small", 4, 16, num_hidden_layers=1)).save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match="hidden_size: checkpoint 384 vs recipe 192"):
+        build_student_and_teacher(tiny_recipe(tmp_path / "run", init_backbone=str(tmp_path / "small")))
+    with pytest.raises(ValueError, match="init_backbone .* does not exist"):
+        tiny_recipe(tmp_path / "run", init_backbone=str(tmp_path / "nowhere")).validate()

@@ -35,6 +35,9 @@ class DinoRecipe:
     norm_last_layer: bool = True
     use_bn_in_head: bool = False
     drop_path_rate: float = 0.1
+    # start student and teacher backbones from a pretrained ViTModel / ResNetModel (folder or Hub
+    # id, e.g. facebook/dino-vits16) to continue pretraining on another domain
+    init_backbone: str | None = None
     # --- teacher and loss ---
     momentum_teacher: float = 0.996
     momentum_teacher_end: float = 1.0  # cosine schedule momentum_teacher -> momentum_teacher_end
@@ -185,6 +188,11 @@ class DinoRecipe:
             if looks_like_local_path(self.dataset_name) and not Path(self.dataset_name).expanduser().exists():
                 problems.append(f"dataset_name {self.dataset_name!r} does not exist; give a Hub id, "
                                 "a local directory or a file glob")
+        if self.init_backbone is not None:
+            from .data import looks_like_local_path
+
+            if looks_like_local_path(self.init_backbone) and not Path(self.init_backbone).expanduser().exists():
+                problems.append(f"init_backbone {self.init_backbone!r} does not exist; give a model folder or Hub id")
         if problems:
             raise ValueError("Invalid recipe:\n  - " + "\n  - ".join(problems))
 

@@ -58,9 +58,33 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops and the last checkpoint stays intact."""
 
 
+def pretrained_backbone_config(recipe: DinoRecipe):
+    """The config of `recipe.init_backbone`, checked against the recipe's architecture."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(recipe.init_backbone)
+    expected = build_backbone_config(recipe.arch, recipe.patch_size, recipe.global_crop_size,
+                                     num_hidden_layers=recipe.num_hidden_layers)
+    if config.model_type != expected.model_type:
+        raise ValueError(f"init_backbone {recipe.init_backbone} is a {config.model_type!r} model but arch "
+                         f"{recipe.arch!r} is {expected.model_type!r}; set --arch accordingly")
+    fields = ("hidden_size", "num_hidden_layers", "patch_size") if config.model_type == "vit" else ("hidden_sizes", "depths")
+    differences = [f"{name}: checkpoint {getattr(config, name)} vs recipe {getattr(expected, name)}"
+                   for name in fields if getattr(config, name) != getattr(expected, name)]
+    if differences:
+        raise ValueError(f"init_backbone {recipe.init_backbone} does not match the recipe ({'; '.join(differences)}); "
+                         "set --arch / --patch_size / --num_hidden_layers to the checkpoint's")
+    if config.model_type == "vit":  # the checkpoint's own position grid; other sizes are interpolated
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    return config
+
+
 def build_dino_config(recipe: DinoRecipe, drop_path_rate: float) -> DinoConfig:
-    backbone_config = build_backbone_config(recipe.arch, recipe.patch_size, recipe.global_crop_size,
-                                            num_hidden_layers=recipe.num_hidden_layers)
+    if recipe.init_backbone:
+        backbone_config = pretrained_backbone_config(recipe)
+    else:
+        backbone_config = build_backbone_config(recipe.arch, recipe.patch_size, recipe.global_crop_size,
+                                                num_hidden_layers=recipe.num_hidden_layers)
     return DinoConfig(
         backbone_config=backbone_config,
         out_dim=recipe.out_dim,
@@ -74,8 +98,18 @@ def build_dino_config(recipe: DinoRecipe, drop_path_rate: float) -> DinoConfig:
 
 
 def build_student_and_teacher(recipe: DinoRecipe) -> tuple[DinoModel, DinoModel]:
-    """Student (with stochastic depth) and teacher (without), starting from identical weights."""
+    """Student (with stochastic depth) and teacher (without), starting from identical weights:
+    random, or the backbone of `recipe.init_backbone` (the head always starts random)."""
     student = DinoModel(build_dino_config(recipe, recipe.drop_path_rate))
+    if recipe.init_backbone:
+        from transformers import AutoModel
+
+        from .conversion import load_strict
+
+        pretrained = AutoModel.from_pretrained(recipe.init_backbone)
+        state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("pooler.")}
+        load_strict(student.backbone, state, f"init_backbone {recipe.init_backbone}")
+        logger.info("Student and teacher backbones start from %s", recipe.init_backbone)
     teacher = DinoModel(build_dino_config(recipe, drop_path_rate=0.0))
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
