@@ -45,8 +45,8 @@ def test_failed_push_is_reported_not_raised(tmp_path, caplog, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "config.json").write_text("{}")
     with caplog.at_level(logging.WARNING):
-        assert push_folder(tmp_path, "someone/some-model") is None
-    assert "Push of" in caplog.text
+        assert push_folder(tmp_path, "someone/some-model") is False
+    assert "someone/some-model failed" in caplog.text
 
 
 def tiny_teacher_backbone(tmp_path):
@@ -89,3 +89,77 @@ def test_teacher_backbone_fine_tunes_as_vit_for_image_classification(tmp_path):
                                              remove_unused_columns=False, use_cpu=True))
     assert trainer.train().global_step == 2
     assert not torch.equal(model.classifier.weight, before)
+
+
+class RecordingApi:
+    """Stands in for huggingface_hub.HfApi: records what each upload would send."""
+
+    def __init__(self, fail=False, gate=None):
+        self.fail, self.gate, self.uploads, self.repos = fail, gate, [], []
+
+    def create_repo(self, repo_id, private=False, exist_ok=False):
+        self.repos.append((repo_id, private))
+
+    def upload_folder(self, folder_path, repo_id, commit_message):
+        if self.gate is not None:
+            self.gate.wait(timeout=30)
+        if self.fail:
+            raise ConnectionError("Hub unreachable")
+        from pathlib import Path
+        folder = Path(folder_path)
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        card = ModelCard.load(folder / "README.md") if (folder / "README.md").exists() else None
+        self.uploads.append({"repo_id": repo_id, "message": commit_message, "files": files, "card": card})
+
+
+def test_pusher_uploads_in_the_background_from_a_staged_copy(tmp_path):
+    import threading
+
+    from hf_dino.hub import HubPusher
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    gate = threading.Event()
+    api = RecordingApi(gate=gate)
+    pusher = HubPusher("me/model", private=True, api=api)
+    future = pusher.push(tmp_path / "model", "step 1")
+    assert not future.done()  # the upload blocks on the network; push() did not
+    import shutil
+    shutil.rmtree(tmp_path / "model")  # e.g. the checkpoint is rotated away meanwhile
+    gate.set()
+    assert pusher.wait() == {"repo_id": "me/model", "succeeded": 1, "failed": 0}
+    assert api.repos == [("me/model", True)] and api.uploads[0]["files"] == ["config.json"]
+
+
+def test_pusher_failures_are_counted_and_logged(tmp_path, caplog):
+    from hf_dino.hub import HubPusher
+
+    (tmp_path / "config.json").write_text("{}")
+    pusher = HubPusher("me/model", api=RecordingApi(fail=True))
+    with caplog.at_level(logging.WARNING):
+        pusher.push(tmp_path, "a")
+        pusher.push(tmp_path, "b")
+        assert pusher.wait()["failed"] == 2
+    assert "Hub unreachable" in caplog.text
+
+
+def test_push_run_renders_evaluations_into_the_card(tmp_path, monkeypatch):
+    import json
+
+    import huggingface_hub
+
+    from hf_dino.hub import push_run
+
+    _, backbone_dir = tiny_teacher_backbone(tmp_path)
+    recipe = DinoRecipe(arch="vit_tiny", patch_size=8, num_hidden_layers=2, global_crop_size=32, local_crop_size=16)
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe.to_dict()))
+    (tmp_path / "results.json").write_text(json.dumps(RESULTS))
+    api = RecordingApi()
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: api)
+    linear = {"top1": 55.5, "top5": 94.0, "epochs": 100, "lr": 0.01}
+    assert push_run(tmp_path, "me/dino-tiny", extra_results={"linear": linear})
+    upload = api.uploads[0]
+    assert upload["files"] == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    _, results = model_index_to_eval_results(upload["card"].data.to_dict()["model-index"])
+    assert sorted(r.metric_value for r in results) == [41.25, 55.5]
+    assert 'AutoModel.from_pretrained("me/dino-tiny")' in upload["card"].text

@@ -186,3 +186,23 @@ def test_init_backbone_of_another_architecture_is_a_clear_error(tmp_path):
         build_student_and_teacher(tiny_recipe(tmp_path / "run", init_backbone=str(tmp_path / "small")))
     with pytest.raises(ValueError, match="init_backbone .* does not exist"):
         tiny_recipe(tmp_path / "run", init_backbone=str(tmp_path / "nowhere")).validate()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_push_at_every_checkpoint_and_at_the_end(tmp_path, monkeypatch, fail):
+    import huggingface_hub
+
+    from test_hub import RecordingApi
+
+    api = RecordingApi(fail=fail)
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: api)
+    recipe = tiny_recipe(tmp_path, push_to_hub=True, hub_model_id="me/tiny-dino", checkpointing_steps=4)
+    results = DinoTrainer(recipe).train()  # a failing Hub never stops training
+    assert results["push"] == {"repo_id": "me/tiny-dino", "succeeded": 0 if fail else 3, "failed": 3 if fail else 0}
+    assert json.loads((tmp_path / "results.json").read_text())["push"] == results["push"]
+    if not fail:
+        assert [u["message"] for u in api.uploads] == [
+            "DINO teacher backbone, step 4", "DINO teacher backbone, step 8", "DINO teacher backbone, step 8 (final)"]
+        for upload in api.uploads:
+            assert upload["files"] == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+            assert upload["card"].data.pipeline_tag == "image-feature-extraction"

@@ -3,8 +3,12 @@ and uploads through huggingface_hub."""
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
+import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -128,19 +132,86 @@ def save_backbone_folder(backbone, directory: str | Path, recipe: DinoRecipe, re
     return directory
 
 
-def push_folder(folder: str | Path, repo_id: str, private: bool = False, commit_message: str = "Upload",
-                background: bool = False):
-    """Upload a folder with huggingface_hub; errors are logged, never raised (training goes on).
+class HubPusher:
+    """Uploads folders to one Hub model repo through huggingface_hub, one after another on a
+    background thread, so that training never waits for the network.
 
-    Returns the `Future` of a background upload, the commit info, or None on failure.
+    Each pushed folder is first copied to a private staging directory (a checkpoint may be
+    rotated away while its upload runs). Failures (network, auth, quota) are logged and counted,
+    never raised.
     """
-    from huggingface_hub import HfApi
 
-    api = HfApi()
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
-                                 run_as_future=background)
-    except Exception as error:  # network, auth, quota: report and carry on
-        logger.warning("Push of %s to %s failed: %s", folder, repo_id, error)
-        return None
+    def __init__(self, repo_id: str, private: bool = False, api=None):
+        from huggingface_hub import HfApi
+
+        self.repo_id, self.private = repo_id, private
+        self.api = api or HfApi()
+        self.succeeded, self.failed = 0, 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_dino_push")
+        self._futures: list[Future] = []
+        self._repo_created = False
+
+    def push(self, folder: str | Path, commit_message: str) -> Future:
+        """Stage `folder` and queue its upload; returns the upload's Future (result: bool)."""
+        staging = Path(tempfile.mkdtemp(prefix="hf_dino_push_"))
+        shutil.copytree(folder, staging, dirs_exist_ok=True)
+        future = self._executor.submit(self._upload, staging, commit_message)
+        self._futures.append(future)
+        return future
+
+    def _upload(self, staging: Path, commit_message: str) -> bool:
+        try:
+            if not self._repo_created:
+                self.api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+                self._repo_created = True
+            self.api.upload_folder(folder_path=str(staging), repo_id=self.repo_id, commit_message=commit_message)
+            self.succeeded += 1
+            logger.info("Pushed %r to %s", commit_message, self.repo_id)
+            return True
+        except Exception as error:  # network, auth, quota: report and carry on
+            self.failed += 1
+            logger.warning("Push %r to %s failed: %s", commit_message, self.repo_id, error)
+            return False
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def wait(self) -> dict:
+        """Block until every queued upload has finished; {"succeeded", "failed"} counts."""
+        for future in self._futures:
+            future.result()
+        self._executor.shutdown(wait=True)
+        return {"repo_id": self.repo_id, "succeeded": self.succeeded, "failed": self.failed}
+
+
+def push_folder(folder: str | Path, repo_id: str, private: bool = False, commit_message: str = "Upload") -> bool:
+    """Upload one folder and wait for it; errors are logged, never raised. Returns success."""
+    pusher = HubPusher(repo_id, private)
+    return pusher.push(folder, commit_message).result()
+
+
+def push_run(output_dir: str | Path, repo_id: str, private: bool = False, extra_results: dict | None = None,
+             include_dino: bool = False) -> bool:
+    """Push a finished run's `teacher_backbone/` (card re-rendered from `recipe.json`, `results.json`
+    and `extra_results`, e.g. {"linear": eval_linear output}) to `repo_id`; with `include_dino`,
+    also its `dino/` folder under `dino/` in the same repo. Returns success."""
+    output_dir = Path(output_dir)
+    backbone_dir = output_dir / "teacher_backbone"
+    for required in (backbone_dir / "config.json", output_dir / "recipe.json"):
+        if not required.exists():
+            raise FileNotFoundError(f"{required} is missing: {output_dir} is not a finished hf_dino run")
+    recipe = DinoRecipe.from_dict(json.loads((output_dir / "recipe.json").read_text()), source="recipe.json")
+    results_path = output_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results.update(extra_results or {})
+    with tempfile.TemporaryDirectory(prefix="hf_dino_card_") as staging:
+        staging = Path(staging)
+        shutil.copytree(backbone_dir, staging, dirs_exist_ok=True)
+        render_model_card(recipe, results, _backbone_class(backbone_dir), repo_id).save(staging / "README.md")
+        if include_dino and (output_dir / "dino").exists():
+            shutil.copytree(output_dir / "dino", staging / "dino")
+        return push_folder(staging, repo_id, private, commit_message=f"hf_dino run {output_dir.name}")
+
+
+def _backbone_class(directory: Path) -> str:
+    architectures = json.loads((directory / "config.json").read_text()).get("architectures") or ["ViTModel"]
+    return architectures[0]

@@ -93,6 +93,7 @@ class DinoRecipe:
     report_to: str | None = None
     push_to_hub: bool = False
     hub_model_id: str | None = None
+    hub_private_repo: bool = False
     # --- k-NN of the teacher on the held-out split: every `eval_every` steps and at the end ---
     knn_k: int = 20
     knn_temperature: float = 0.07

@@ -163,6 +163,11 @@ class DinoTrainer:
         self.num_skipped_images = 0
         self.student: DinoModel | None = None  # set by train(): unwrapped student and teacher
         self.teacher: DinoModel | None = None
+        self.pusher = None  # main process with --push_to_hub: uploads in the background
+        if recipe.push_to_hub and self.accelerator.is_main_process:
+            from .hub import HubPusher
+
+            self.pusher = HubPusher(recipe.hub_model_id, recipe.hub_private_repo)
 
     # ------------------------------------------------------------------ set-up
     def _build_data(self):
@@ -384,9 +389,15 @@ class DinoTrainer:
             save_file(dino_loss.state_dict(), str(temporary / LOSS_STATE_FILE))
             state = {"global_step": step, "epoch": epoch, "num_skipped_images": self.num_skipped_images}
             (temporary / TRAINER_STATE_FILE).write_text(json.dumps(state))
+            if self.pusher is not None:
+                from .hub import save_teacher_backbone
+
+                save_teacher_backbone(teacher, temporary / "teacher_backbone", self.recipe, {"global_step": step})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(temporary, final)
+            if self.pusher is not None:
+                self.pusher.push(final / "teacher_backbone", f"DINO teacher backbone, step {step}")
             self._rotate_checkpoints()
         accelerator.wait_for_everyone()
         return final
@@ -450,11 +461,11 @@ class DinoTrainer:
         return knn
 
     def _save_final(self, teacher: DinoModel, results: dict) -> None:
-        from .hub import push_folder, save_teacher_backbone
+        from .hub import save_teacher_backbone
 
         teacher.save_pretrained(self.output_dir / "dino")
         backbone_dir = save_teacher_backbone(teacher, self.output_dir / "teacher_backbone", self.recipe, results)
-        if self.recipe.push_to_hub:
-            results["pushed"] = push_folder(backbone_dir, self.recipe.hub_model_id,
-                                            commit_message=f"DINO teacher backbone, step {results['global_step']}") is not None
+        if self.pusher is not None:
+            self.pusher.push(backbone_dir, f"DINO teacher backbone, step {results['global_step']} (final)")
+            results["push"] = self.pusher.wait()  # waits for the checkpoints' uploads too
         (self.output_dir / "results.json").write_text(json.dumps(results, indent=2))
