@@ -206,3 +206,101 @@ def test_push_at_every_checkpoint_and_at_the_end(tmp_path, monkeypatch, fail):
         for upload in api.uploads:
             assert upload["files"] == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
             assert upload["card"].data.pipeline_tag == "image-feature-extraction"
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """A real `kill -9` of a training process, then `--resume_from_checkpoint latest`: the final
+    teacher equals the uninterrupted run's bit for bit (CPU)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pretrain.py"
+    args = ["--arch", "vit_tiny", "--num_hidden_layers", "2", "--patch_size", "4", "--global_crop_size", "16",
+            "--local_crop_size", "8", "--local_crops_number", "2", "--out_dim", "64", "--head_hidden_dim", "32",
+            "--head_bottleneck_dim", "16", "--batch_size_per_device", "8", "--max_train_samples", "64",
+            "--epochs", "6", "--warmup_epochs", "1", "--num_workers", "0", "--checkpointing_steps", "4",
+            "--knn_eval_at_end", "false", "--num_threads", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def run(output_dir, *extra):
+        return subprocess.run([sys.executable, str(script), *args, "--output_dir", str(output_dir), *extra],
+                              env=env, capture_output=True, text=True)
+
+    completed = run(tmp_path / "full")
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(script), *args, "--output_dir", str(killed_dir)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed_dir / "checkpoint-12").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    assert not (killed_dir / "dino").exists()
+    completed = run(killed_dir, "--resume_from_checkpoint", "latest")
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "Resumed from" in completed.stderr
+
+    expected = load_file(str(tmp_path / "full" / "dino" / "model.safetensors"))
+    resumed = load_file(str(killed_dir / "dino" / "model.safetensors"))
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+
+
+def write_bad_image_folder(root):
+    """An image folder (two classes) holding every awkward kind of file a crawl produces."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def rgb(height, width):
+        return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
+
+    cats, dogs = root / "train" / "cat", root / "train" / "dog"
+    cats.mkdir(parents=True)
+    dogs.mkdir(parents=True)
+    for i in range(6):
+        rgb(40, 48).save(cats / f"good{i}.jpg")
+        rgb(36, 36).save(dogs / f"good{i}.png")
+    rgb(40, 40).convert("L").save(cats / "grayscale.png")
+    rgba = rgb(40, 40).convert("RGBA")
+    rgba.putalpha(Image.fromarray((rng.random((40, 40)) * 255).astype(np.uint8)))
+    rgba.save(cats / "rgba.png")
+    rgb(40, 40).convert("CMYK").save(cats / "cmyk.jpg")
+    rgb(40, 40).convert("P").save(dogs / "palette.png")
+    Image.fromarray((rng.random((40, 40)) * 65535).astype(np.uint16)).save(dogs / "sixteen_bit.png")
+    rgb(1, 1).save(dogs / "one_pixel.png")
+    rgb(12, 10_240).save(dogs / "very_wide.png")
+    buffer = io.BytesIO()
+    rgb(64, 64).save(buffer, format="JPEG")
+    (cats / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (cats / "corrupt.jpg").write_bytes(rng.bytes(2048))
+    (dogs / "empty.png").write_bytes(b"")
+    return 3  # undecodable files: truncated, corrupt, empty
+
+
+def test_run_over_a_folder_of_bad_images_skips_and_counts(tmp_path, caplog):
+    import logging
+
+    bad = write_bad_image_folder(tmp_path / "images")  # 12 good + 7 odd-but-readable + 3 broken = 22 files
+    recipe = tiny_recipe(tmp_path / "run", dataset_name=str(tmp_path / "images"), max_train_samples=None,
+                         batch_size_per_device=11, epochs=2)
+    with caplog.at_level(logging.WARNING):
+        results = DinoTrainer(recipe).train()
+    assert results["global_step"] == 4  # 22 files / 11 per batch, 2 epochs: nothing dropped, nothing crashed
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["num_skipped_images"] == 2 * bad  # each epoch meets the three broken files
+    assert "Skipped undecodable image(s)" in caplog.text and "corrupt.jpg" in caplog.text
+    assert all(torch.isfinite(torch.tensor(line["loss"])) for line in lines)

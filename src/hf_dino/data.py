@@ -128,9 +128,13 @@ def sample_seed(seed: int, epoch: int, *position: int) -> int:
 
 
 def multicrop_sample(image_cell: Any, augmentation: Callable, seed: int, index: int) -> dict:
-    """Decode one image cell and crop it: {"crops": list of V tensors, or None if undecodable, "index"}."""
+    """Decode one image cell and crop it: {"crops": list of V tensors, or None if undecodable, "index"}
+    (the index of an undecodable image also names its file when the cell holds a path)."""
     image = decode_image(image_cell)
-    return {"crops": None if image is None else augmentation(image, seed=seed), "index": index}
+    if image is None:
+        path = image_cell.get("path") if isinstance(image_cell, dict) else None
+        return {"crops": None, "index": index if not path else f"{index} ({path})"}
+    return {"crops": augmentation(image, seed=seed), "index": index}
 
 
 class MultiCropDataset(torch.utils.data.Dataset):

@@ -366,7 +366,7 @@ class DinoTrainer:
     def _count_skipped(self, batch: dict) -> None:
         if batch["num_skipped"]:
             if self.num_skipped_images < 5:
-                logger.warning("Skipped undecodable image(s) at dataset index %s", batch["skipped_indices"])
+                logger.warning("Skipped undecodable image(s) at dataset index %s", ", ".join(map(str, batch["skipped_indices"])))
             self.num_skipped_images += batch["num_skipped"]
 
     def _log(self, metrics: dict) -> None:
