@@ -304,3 +304,57 @@ def test_run_over_a_folder_of_bad_images_skips_and_counts(tmp_path, caplog):
     assert lines[-1]["num_skipped_images"] == 2 * bad  # each epoch meets the three broken files
     assert "Skipped undecodable image(s)" in caplog.text and "corrupt.jpg" in caplog.text
     assert all(torch.isfinite(torch.tensor(line["loss"])) for line in lines)
+
+
+def test_fp16_grad_scaler_path_unscales_before_clipping(tmp_path, monkeypatch):
+    """The fp16 path (loss scaled, gradients unscaled, clipped, scaler.step) with fp32 compute:
+    a power-of-two loss scale must change nothing. SGD and a tight clip make any clip-before-
+    unscale visible (the update would shrink by the scale), and the scaler joins the checkpoint."""
+    import contextlib
+
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    def accelerator(with_scaler):
+        acc = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+        if with_scaler:
+            acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12), True
+            acc.autocast = contextlib.nullcontext  # keep fp32 compute: only the scaler path differs
+        return acc
+
+    overrides = dict(optimizer="sgd", lr=0.5, clip_grad=0.01, epochs=1, checkpointing_steps=4)
+    plain = DinoTrainer(tiny_recipe(tmp_path / "plain", **overrides), accelerator(False))
+    plain.train()
+    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
+    scaled = DinoTrainer(tiny_recipe(tmp_path / "scaled", **overrides), accelerator(True))
+    scaled.train()
+    assert scaled.accelerator.scaler.get_scale() == 2.0 ** 12  # no overflow, no skipped step
+    for name, value in plain.teacher.state_dict().items():
+        torch.testing.assert_close(scaled.teacher.state_dict()[name], value, rtol=1e-5, atol=1e-7)
+    assert (tmp_path / "scaled" / "checkpoint-4" / "scaler.pt").exists()
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_changes_nothing(tmp_path):
+    calls = {True: 0, False: 0}
+    teachers = {}
+    for enabled in (False, True):
+        trainer = DinoTrainer(tiny_recipe(tmp_path / str(enabled), gradient_checkpointing=enabled, epochs=1,
+                                          drop_path_rate=0.1))
+        original = DinoModel.forward
+
+        def counting_forward(self, *args, _enabled=enabled, **kwargs):
+            fc1 = self.backbone.layers[0].mlp.fc1
+            if self.training and torch.is_grad_enabled() and not hasattr(fc1, "_counted"):
+                fc1._counted = True
+                fc1.register_forward_hook(lambda *a, _e=_enabled: calls.__setitem__(_e, calls[_e] + 1))
+            return original(self, *args, **kwargs)
+
+        DinoModel.forward = counting_forward
+        try:
+            trainer.train()
+        finally:
+            DinoModel.forward = original
+        teachers[enabled] = trainer.teacher.state_dict()
+    assert calls[True] == 2 * calls[False] > 0  # each block runs again during backward
+    for name, value in teachers[False].items():
+        torch.testing.assert_close(teachers[True][name], value, rtol=1e-5, atol=1e-6)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -229,19 +229,27 @@ class DinoTrainer:
         dataset_dict, train_dataset, dataloader, batches_per_epoch = self._build_data()
 
         student, teacher = build_student_and_teacher(recipe)
-        if recipe.gradient_checkpointing:
-            student.gradient_checkpointing_enable()
+        if recipe.gradient_checkpointing:  # activations of each block are recomputed in the backward pass
+            getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
         teacher.to(accelerator.device)
         dino_loss = DinoLoss(recipe.out_dim, num_teacher_views=2, student_temperature=recipe.student_temp,
                              center_momentum=recipe.center_momentum).to(accelerator.device)
         student.to(accelerator.device)
         optimizer = build_optimizer(student, recipe.optimizer, recipe.sgd_momentum)
         student, optimizer = accelerator.prepare(student, optimizer)
+        teacher = self._prepare_teacher(teacher)
         unwrapped_student = accelerator.unwrap_model(student)
         self.student, self.teacher = unwrapped_student, teacher
         student_parameters = list(unwrapped_student.parameters())
         teacher_parameters = list(teacher.parameters())
         trainable_parameters = [p for p in student_parameters if p.requires_grad]
+        self._last_layer_frozen = False
+        if self._deepspeed and recipe.freeze_last_layer:
+            # DeepSpeed reduces gradients into its own buffers during backward, so they cannot be
+            # dropped afterwards: zero the last layer's gradients as they are produced instead.
+            for parameter in unwrapped_student.head.last_layer.parameters():
+                if parameter.requires_grad:
+                    parameter.register_hook(lambda grad: torch.zeros_like(grad) if self._last_layer_frozen else grad)
 
         global_batch = recipe.batch_size_per_device * accelerator.num_processes * recipe.gradient_accumulation_steps
         base_lr = recipe.lr * global_batch / 256.0  # linear scaling rule
@@ -285,6 +293,7 @@ class DinoTrainer:
                 self._count_skipped(batch)
                 crops = [crop.to(accelerator.device, non_blocking=True) for crop in batch["crops"]]
                 schedule = self._schedule(global_step, epoch, total_steps, steps_per_epoch, base_lr)
+                self._last_layer_frozen = epoch < recipe.freeze_last_layer
                 with accelerator.accumulate(student):
                     with torch.no_grad(), accelerator.autocast():
                         teacher_logits = teacher(crops[:2]).logits
@@ -301,10 +310,10 @@ class DinoTrainer:
                     for group in optimizer.param_groups:
                         group["lr"] = schedule.lr
                     optimizer.param_groups[0]["weight_decay"] = schedule.weight_decay
-                    if recipe.clip_grad > 0:
-                        accelerator.unscale_gradients()
+                    if recipe.clip_grad > 0 and not self._deepspeed:
+                        accelerator.unscale_gradients()  # fp16: clip the true gradients, not the scaled ones
                         clip_gradients_per_parameter(trainable_parameters, recipe.clip_grad)
-                    if epoch < recipe.freeze_last_layer:
+                    if self._last_layer_frozen and not self._deepspeed:
                         cancel_last_layer_gradients(unwrapped_student.head)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -348,12 +357,64 @@ class DinoTrainer:
         results = {"train": last_metrics, "train_time_s": time.perf_counter() - start_time,
                    "global_step": global_step}
         accelerator.wait_for_everyone()
+        teacher = self._exportable_teacher(teacher)
         if accelerator.is_main_process:
             if recipe.knn_eval_at_end:
                 results["knn"] = self.evaluate_knn(teacher, dataset_dict)
             self._save_final(teacher, results)
         accelerator.end_training()
         return results
+
+    # ------------------------------------------------------------------ engines
+    @property
+    def _deepspeed(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    @property
+    def _fsdp(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _prepare_teacher(self, teacher: DinoModel) -> DinoModel:
+        """Place the teacher for the engine in use. It never gets an optimizer or gradients.
+
+        - single process / DDP / DeepSpeed ZeRO-1,2: a full replica on every process (the student's
+          parameters are whole there too, so the EMA is a plain element-wise update);
+        - FSDP2: sharded exactly like the student, so that the EMA runs on local shards without any
+          communication (see `optimization.ema_update`); its forward all-gathers like the student's;
+        - ZeRO-3 partitions parameters inside DeepSpeed's flat buffers, where a per-parameter EMA
+          would need a gather every step: refused, use FSDP for parameter sharding.
+        """
+        accelerator = self.accelerator
+        if self._deepspeed:
+            plugin = accelerator.state.deepspeed_plugin
+            if plugin.zero_stage == 3:
+                raise ValueError("DeepSpeed ZeRO-3 is not supported (the EMA teacher needs per-parameter "
+                                 "access); use configs/accelerate/deepspeed_zero2.yaml or fsdp_full_shard.yaml")
+            if self.recipe.clip_grad > 0:
+                # DeepSpeed owns the gradients (flat, partitioned buffers): per-parameter clipping cannot
+                # run, DeepSpeed's own global-norm clipping (`gradient_clipping` in its config) does.
+                logger.warning("DeepSpeed: per-parameter clipping is replaced by DeepSpeed's global-norm "
+                               "`gradient_clipping` (%s in its config)", plugin.deepspeed_config.get("gradient_clipping"))
+            return teacher
+        if self._fsdp:
+            if not accelerator.is_fsdp2:
+                raise ValueError("hf_dino needs FSDP version 2 (`fsdp_version: 2` in the accelerate config): "
+                                 "the shard-wise EMA works on per-parameter shards")
+            return accelerator.prepare_model(teacher)
+        return teacher
+
+    def _exportable_teacher(self, teacher: DinoModel) -> DinoModel:
+        """A plain, unsharded `DinoModel` with the teacher's weights (collective under FSDP: every
+        process must call it); the teacher itself otherwise."""
+        if not self._fsdp:
+            return teacher
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(teacher, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        plain = DinoModel(self.accelerator.unwrap_model(teacher).config)
+        if self.accelerator.is_main_process:
+            plain.load_state_dict(state)
+        return plain.to(self.accelerator.device)
 
     # ------------------------------------------------------------------ helpers
     def _check_finite(self, loss: float, first_step: int, last_step: int) -> None:
@@ -384,6 +445,7 @@ class DinoTrainer:
             shutil.rmtree(temporary)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(temporary), safe_serialization=True)
+        teacher = self._exportable_teacher(teacher)
         if accelerator.is_main_process:
             save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(temporary / TEACHER_FILE))
             save_file(dino_loss.state_dict(), str(temporary / LOSS_STATE_FILE))
@@ -420,8 +482,9 @@ class DinoTrainer:
             return 0
         if not (path / TRAINER_STATE_FILE).exists():
             raise FileNotFoundError(f"{path} is not a complete hf_dino checkpoint (no {TRAINER_STATE_FILE}).")
-        self.accelerator.load_state(str(path))
-        teacher.load_state_dict(load_file(str(path / TEACHER_FILE), device=str(self.accelerator.device)))
+        self.accelerator.load_state(str(path))  # under FSDP this restores the (prepared) teacher's shards too
+        if not self._fsdp:
+            teacher.load_state_dict(load_file(str(path / TEACHER_FILE), device=str(self.accelerator.device)))
         dino_loss.load_state_dict(load_file(str(path / LOSS_STATE_FILE), device=str(self.accelerator.device)))
         state = json.loads((path / TRAINER_STATE_FILE).read_text())
         self.num_skipped_images = state["num_skipped_images"]
@@ -431,6 +494,7 @@ class DinoTrainer:
     def _online_knn(self, teacher: DinoModel, dataset_dict) -> dict:
         """k-NN of the teacher during training (main process): {"knn_top1", "knn_top5"} or {}."""
         result = {}
+        teacher = self._exportable_teacher(teacher)
         if self.accelerator.is_main_process:
             knn = self.evaluate_knn(teacher, dataset_dict)
             if knn is not None:
