@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Training-step and multi-crop throughput, peak memory and MFU of hf_dino, optionally against
+facebookresearch/dino (a local checkout) in the same run, with ratios (hf_dino / reference).
+
+python scripts/benchmark.py --output_json bench.json --reference_repo /path/to/dino
+python scripts/benchmark.py --arch vit_tiny --num_hidden_layers 4 --patch_size 8 --global_crop_size 32 \\
+    --local_crop_size 16 --local_crops_number 4 --batch_size 64 --out_dim 1024   # the CPU demo's model
+"""
+
+import argparse
+import json
+import os
+
+from hf_dino.benchmark import BenchmarkSettings, run_benchmark
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = BenchmarkSettings()
+    for name, value in vars(defaults).items():
+        kind = int if name in ("num_hidden_layers", "threads") else type(value)
+        parser.add_argument(f"--{name}", type=kind, default=value,
+                            choices=("no", "bf16", "fp16") if name == "mixed_precision" else None)
+    parser.add_argument("--reference_repo", default=None, help="local checkout of facebookresearch/dino")
+    parser.add_argument("--reference_pythonpath", default=None,
+                        help="extra import path for the reference only (e.g. where its torchvision is installed)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the implementations this many times, keep the best")
+    parser.add_argument("--output_json", default=None)
+    args = vars(parser.parse_args())
+    reference_repo, rounds, output_json = args.pop("reference_repo"), args.pop("rounds"), args.pop("output_json")
+    extra_path = args.pop("reference_pythonpath")
+    if reference_repo and extra_path:
+        reference_repo = os.pathsep.join([reference_repo, extra_path])
+    result = run_benchmark(BenchmarkSettings(**args), reference_repo, rounds)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if output_json:
+        with open(output_json, "w") as handle:
+            handle.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

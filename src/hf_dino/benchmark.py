@@ -1,0 +1,427 @@
+"""Throughput and memory of hf_dino's training step and multi-crop augmentation, optionally against
+facebookresearch/dino (a local checkout, imported from its path, never vendored) in the same run.
+
+Each measurement runs in a fresh subprocess (spawn), so that peak memory belongs to that
+measurement alone and one implementation's threads or caches cannot slow the other. On CPU,
+peak memory is the subprocess's peak RSS minus its RSS just before the models were built
+(imports and input data excluded); on a GPU it is `torch.cuda.max_memory_allocated`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import multiprocessing
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class BenchmarkSettings:
+    arch: str = "vit_small"
+    patch_size: int = 16
+    num_hidden_layers: int | None = None
+    batch_size: int = 8
+    local_crops_number: int = 6
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    out_dim: int = 65536
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    warmup_steps: int = 2
+    timed_steps: int = 5
+    num_images: int = 64  # augmentation benchmark: JPEG-encoded images of ~256 px
+    num_workers: int = 2
+    threads: int | None = None  # torch threads per measurement; None = all cores
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- machine peak
+def matmul_peak_flops(dtype: torch.dtype, device: str = "cpu", size: int = 2048, repeats: int = 5) -> float:
+    """Best achieved FLOP/s of a square matmul: the reference point of model FLOP utilisation."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _crops(settings: BenchmarkSettings, device: str) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(settings.seed)
+    sizes = [settings.global_crop_size] * 2 + [settings.local_crop_size] * settings.local_crops_number
+    return [torch.randn(settings.batch_size, 3, s, s, generator=generator).to(device) for s in sizes]
+
+
+def _autocast(settings: BenchmarkSettings, device: str):
+    if settings.mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if settings.mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------- hf_dino step
+def build_hf_dino_step(settings: BenchmarkSettings, device: str):
+    """One hf_dino optimizer step (teacher + student forward, loss, backward, clip, AdamW, EMA,
+    centre) as a closure over pre-made crops, plus the student for FLOP counting."""
+    from .loss import DinoLoss
+    from .optimization import build_optimizer, clip_gradients_per_parameter, ema_update
+    from .recipe import DinoRecipe
+    from .trainer import build_student_and_teacher
+
+    recipe = DinoRecipe(arch=settings.arch, patch_size=settings.patch_size, num_hidden_layers=settings.num_hidden_layers,
+                        global_crop_size=settings.global_crop_size, local_crop_size=settings.local_crop_size,
+                        local_crops_number=settings.local_crops_number, out_dim=settings.out_dim)
+    student, teacher = build_student_and_teacher(recipe)
+    student.to(device).train()
+    teacher.to(device).train()
+    loss_fn = DinoLoss(recipe.out_dim, num_teacher_views=2, student_temperature=recipe.student_temp).to(device)
+    optimizer = build_optimizer(student, recipe.optimizer)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-5
+    scaler = torch.amp.GradScaler(device) if settings.mixed_precision == "fp16" else None
+    student_parameters, teacher_parameters = list(student.parameters()), list(teacher.parameters())
+    trainable = [p for p in student_parameters if p.requires_grad]
+    crops = _crops(settings, device)
+
+    def step() -> torch.Tensor:
+        with torch.no_grad(), _autocast(settings, device):
+            teacher_logits = teacher(crops[:2]).logits
+        with _autocast(settings, device):
+            student_logits = student(crops).logits
+        loss = loss_fn(student_logits, teacher_logits, recipe.warmup_teacher_temp).loss  # fp32 inside
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        clip_gradients_per_parameter(trainable, recipe.clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(teacher_parameters, student_parameters, 0.996)
+        loss_fn.accumulate_center(teacher_logits)
+        loss_fn.update_center()
+        return loss.detach()  # no host sync: the caller synchronises once per timing window
+
+    return step
+
+
+# ---------------------------------------------------------------- reference step
+def import_reference(reference_repo: str):
+    """Import the reference's modules from a local checkout (`vision_transformer`, `utils`,
+    `main_dino`; they need torchvision). `reference_repo` may list further import paths after
+    the checkout, separated by os.pathsep, e.g. a `pip install --target DIR torchvision` kept
+    apart from the environment hf_dino runs in. torchvision's compiled operators are not used by
+    the reference; where its C extension does not match the installed torch, the two operator
+    schemas its import registers are declared first so that the pure-Python transforms load."""
+    for path in reversed(reference_repo.split(os.pathsep)):
+        sys.path.insert(0, os.path.abspath(path))
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError as error:
+        if "torchvision::" not in str(error):
+            raise
+        for name in list(sys.modules):
+            if name.startswith("torchvision"):
+                del sys.modules[name]
+        library = torch.library.Library("torchvision", "DEF")
+        for op in ("nms", "qnms"):
+            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        import_reference.library = library  # keep the definitions alive
+    import main_dino
+    import utils
+    import vision_transformer
+
+    return vision_transformer, utils, main_dino
+
+
+def _single_process_group() -> None:
+    import socket
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # the reference's loss all-reduces the centre
+        with socket.socket() as handle:
+            handle.bind(("127.0.0.1", 0))
+            port = handle.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def build_reference_step(settings: BenchmarkSettings, device: str, reference_repo: str):
+    """The reference's training iteration (main_dino.train_one_epoch) on pre-made crops: its
+    MultiCropWrapper(ViT, DINOHead), DINOLoss, get_params_groups + AdamW, clip_gradients,
+    cancel_gradients_last_layer, the per-parameter EMA loop and the per-step `loss.item()`."""
+    vits, utils, main_dino = import_reference(reference_repo)
+    _single_process_group()
+    if not settings.arch.startswith("vit"):
+        raise ValueError("the reference comparison covers ViTs")
+    from functools import partial
+
+    from .configuration_dino import VIT_LAYER_NORM_EPS, VIT_MLP_RATIO, VIT_PRESETS
+
+    dims = VIT_PRESETS[settings.arch]
+
+    def backbone(drop_path_rate: float):  # the reference's vit_* constructors, with a settable depth
+        return vits.VisionTransformer(
+            img_size=[settings.global_crop_size], patch_size=settings.patch_size, embed_dim=dims["hidden_size"],
+            depth=settings.num_hidden_layers or dims["num_hidden_layers"], num_heads=dims["num_attention_heads"],
+            mlp_ratio=VIT_MLP_RATIO, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=VIT_LAYER_NORM_EPS),
+            drop_path_rate=drop_path_rate)
+
+    student, teacher = backbone(0.1), backbone(0.0)
+    student = utils.MultiCropWrapper(student, vits.DINOHead(student.embed_dim, settings.out_dim, norm_last_layer=True))
+    teacher = utils.MultiCropWrapper(teacher, vits.DINOHead(teacher.embed_dim, settings.out_dim))
+    student.to(device).train()
+    teacher.to(device).train()
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    loss_fn = main_dino.DINOLoss(settings.out_dim, settings.local_crops_number + 2, 0.04, 0.04, 0, 100).to(device)
+    optimizer = torch.optim.AdamW(utils.get_params_groups(student), lr=1e-5)
+    scaler = torch.amp.GradScaler(device) if settings.mixed_precision == "fp16" else None
+    crops = _crops(settings, device)
+
+    def step() -> torch.Tensor:
+        with _autocast(settings, device):
+            teacher_output = teacher(crops[:2])
+            student_output = student(crops)
+            loss = loss_fn(student_output, teacher_output, 0)
+        loss.item()  # the reference checks finiteness every step (a host sync)
+        optimizer.zero_grad()
+        if scaler is None:
+            loss.backward()
+            utils.clip_gradients(student, 3.0)
+            utils.cancel_gradients_last_layer(1, student, 1)
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            utils.clip_gradients(student, 3.0)
+            utils.cancel_gradients_last_layer(1, student, 1)
+            scaler.step(optimizer)
+            scaler.update()
+        with torch.no_grad():
+            for param_q, param_k in zip(student.parameters(), teacher.parameters()):
+                param_k.data.mul_(0.996).add_((1 - 0.996) * param_q.detach().data)
+        return loss.detach()
+
+    return step
+
+
+# ---------------------------------------------------------------- measurements
+def _time_steps(step, settings: BenchmarkSettings, device: str) -> float:
+    for _ in range(settings.warmup_steps):
+        step()
+    _synchronize(device)
+    start = time.perf_counter()
+    losses = [step() for _ in range(settings.timed_steps)]
+    torch.stack(losses).sum().item()
+    _synchronize(device)
+    return settings.batch_size * settings.timed_steps / (time.perf_counter() - start)
+
+
+def step_flops(settings: BenchmarkSettings, device: str) -> float:
+    """FLOPs of one hf_dino training step per image (student fwd+bwd, teacher fwd), counted by
+    torch's FlopCounterMode (matmuls, convolutions and attention)."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    # torch's counter knows the CUDA attention kernels but not the CPU one SDPA dispatches to here
+    # (formulas receive shapes)
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: (
+            lambda query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(query, key, value)),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+            lambda grad_out, query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(
+                grad_out, query, key, value)),
+    }
+    step = build_hf_dino_step(settings, device)
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention)
+    with counter:
+        step()
+    return counter.get_total_flops() / settings.batch_size
+
+
+def measure_training(implementation: str, settings: BenchmarkSettings, reference_repo: str | None) -> dict:
+    """Run in a subprocess: training-step images/s and peak memory of one implementation."""
+    torch.manual_seed(settings.seed)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    baseline = _rss_mb()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step = (build_hf_dino_step(settings, device) if implementation == "hf_dino"
+            else build_reference_step(settings, device, reference_repo))
+    img_per_s = _time_steps(step, settings, device)
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else _peak_rss_mb() - baseline)
+    return {"train_img_per_s": img_per_s, "peak_memory_mb": peak}
+
+
+def synthetic_jpegs(settings: BenchmarkSettings) -> list[bytes]:
+    """~256 px JPEG photographs (scikit-image's samples when installed, else smooth random images)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(settings.seed)
+    photos = []
+    try:
+        from skimage import data as samples
+
+        photos = [samples.astronaut(), samples.chelsea(), samples.coffee(), samples.rocket()]
+    except ImportError:
+        pass
+    images = []
+    for index in range(settings.num_images):
+        if photos:
+            array = photos[index % len(photos)]
+        else:
+            array = (np.cumsum(rng.random((64, 64, 3)), axis=0) % 1 * 255).astype(np.uint8)
+        image = Image.fromarray(array).convert("RGB")
+        scale = 256 / min(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        images.append(buffer.getvalue())
+    return images
+
+
+class _JpegCrops(torch.utils.data.Dataset):
+    """Decode a JPEG and multi-crop it, with hf_dino's or the reference's augmentation."""
+
+    def __init__(self, jpegs: list[bytes], implementation: str, settings: BenchmarkSettings, reference_repo):
+        self.jpegs, self.implementation, self.settings, self.reference_repo = jpegs, implementation, settings, reference_repo
+        self.augmentation = None
+
+    def _build(self):
+        s = self.settings
+        if self.implementation == "hf_dino":
+            from .transforms import MultiCropAugmentation
+
+            return MultiCropAugmentation(global_crop_size=s.global_crop_size, local_crop_size=s.local_crop_size,
+                                         local_crops_number=s.local_crops_number)
+        _, _, main_dino = import_reference(self.reference_repo)
+        return main_dino.DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), s.local_crops_number)
+
+    def __len__(self) -> int:
+        return len(self.jpegs)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        if self.augmentation is None:
+            self.augmentation = self._build()
+        if self.implementation == "hf_dino":
+            from .data import decode_image
+
+            return self.augmentation(decode_image(self.jpegs[index]), seed=index)
+        return self.augmentation(Image.open(io.BytesIO(self.jpegs[index])).convert("RGB"))
+
+
+def measure_augmentation(implementation: str, settings: BenchmarkSettings, reference_repo: str | None) -> dict:
+    """Run in a subprocess: multi-crop images/s in this process, and with `num_workers` workers."""
+    if implementation == "reference" and (settings.global_crop_size, settings.local_crop_size) != (224, 96):
+        return {}  # the reference's DataAugmentationDINO is fixed at 224 / 96 px
+    torch.set_num_threads(1)
+    dataset = _JpegCrops(synthetic_jpegs(settings), implementation, settings, reference_repo)
+    dataset[0]
+    start = time.perf_counter()
+    for index in range(len(dataset)):
+        dataset[index]
+    single = len(dataset) / (time.perf_counter() - start)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=settings.num_workers,
+                                         collate_fn=len, persistent_workers=True)
+    sum(loader)  # workers started and warm
+    start = time.perf_counter()
+    count = sum(loader)
+    workers = count / (time.perf_counter() - start)
+    return {"augment_img_per_s": single, f"augment_img_per_s_{settings.num_workers}_workers": workers}
+
+
+def _child(queue, function, args) -> None:
+    try:
+        queue.put((True, function(*args)))
+    except BaseException as error:  # report, the parent re-raises
+        import traceback
+
+        queue.put((False, f"{error!r}\n{traceback.format_exc()}"))
+
+
+def _run_isolated(function, *args):
+    """`function(*args)` in a fresh (spawned, non-daemonic: it may start DataLoader workers) process."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, function, args))
+    process.start()
+    ok, value = queue.get()
+    process.join()
+    if not ok:
+        raise RuntimeError(f"{function.__name__}{args[:1]} failed in its subprocess:\n{value}")
+    return value
+
+
+def run_benchmark(settings: BenchmarkSettings, reference_repo: str | None = None, rounds: int = 1) -> dict:
+    """Every measurement for hf_dino (and the reference), alternating implementations for
+    `rounds` rounds and keeping each one's best; ratios are hf_dino / reference."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    implementations = ["hf_dino"] + (["reference"] if reference_repo else [])
+    measured: dict[str, dict] = {name: {} for name in implementations}
+    for _ in range(rounds):
+        for name in implementations:
+            for function in (measure_training, measure_augmentation):
+                values = _run_isolated(function, name, settings, reference_repo)
+                for key, value in values.items():
+                    best = min if key == "peak_memory_mb" else max
+                    measured[name][key] = best(value, measured[name].get(key, value))
+    flops_per_image = _run_isolated(step_flops, settings, device)
+    peaks = {"fp32": matmul_peak_flops(torch.float32, device)}
+    peaks["bf16"] = matmul_peak_flops(torch.bfloat16, device)
+    result = dict(measured["hf_dino"])
+    result.update(settings=asdict(settings), device=(torch.cuda.get_device_name() if device == "cuda"
+                                                     else f"CPU, {torch.get_num_threads()} threads"),
+                  flops_per_image=flops_per_image, matmul_peak_flops=peaks)
+    _add_mfu(result, flops_per_image, peaks, settings.mixed_precision)
+    if reference_repo:
+        reference = measured["reference"]
+        _add_mfu(reference, flops_per_image, peaks, settings.mixed_precision)  # same architecture and crops
+        result["reference"] = reference
+        result["ratio"] = {key: result[key] / reference[key] for key in reference
+                           if isinstance(reference[key], (int, float)) and key in result and reference[key]}
+    return result
+
+
+def _add_mfu(values: dict, flops_per_image: float, peaks: dict, mixed_precision: str) -> None:
+    """Model FLOP utilisation against both matmul peaks; `mfu` uses the peak of the precision run."""
+    achieved = flops_per_image * values["train_img_per_s"]
+    values["achieved_flops"] = achieved
+    values["mfu_fp32_peak"] = achieved / peaks["fp32"]
+    values["mfu_bf16_peak"] = achieved / peaks["bf16"]
+    values["mfu"] = values["mfu_fp32_peak"] if mixed_precision == "no" else values["mfu_bf16_peak"]

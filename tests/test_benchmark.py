@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from hf_dino.benchmark import BenchmarkSettings, _add_mfu, build_hf_dino_step, matmul_peak_flops, step_flops
+
+TINY = dict(arch="vit_tiny", num_hidden_layers=2, patch_size=8, global_crop_size=32, local_crop_size=16,
+            local_crops_number=2, batch_size=4, out_dim=256)
+
+
+def analytic_step_flops(D=192, layers=2, patch=8, hidden=2048, bottleneck=256, K=256, global_size=32, local_size=16,
+                        local_crops=2):
+    """Matmul FLOPs per image of one DINO step, from the architecture: per token and block 24 D^2
+    (qkv, projection, 4x MLP) plus 4 N D for attention. Backward = 2x forward, except the patch
+    embedding (its input needs no gradient: weight gradient only, 1x) and flash attention (its
+    backward recomputes the scores: 2.5x)."""
+    def vit(size):
+        tokens = (size // patch) ** 2 + 1
+        dense = layers * tokens * 24 * D * D
+        attention = layers * 4 * tokens * tokens * D
+        embedding = (tokens - 1) * 2 * 3 * patch * patch * D
+        return dense, attention, embedding
+
+    head = 2 * (D * hidden + hidden * hidden + hidden * bottleneck) + 2 * bottleneck * K
+    crops = [vit(global_size)] * 2 + [vit(local_size)] * local_crops
+    student = sum(3 * dense + 3.5 * attention + 2 * embedding + 3 * head for dense, attention, embedding in crops)
+    teacher = sum(dense + attention + embedding + head for dense, attention, embedding in crops[:2])
+    return student + teacher
+
+
+def test_step_flops_match_the_architectures_count():
+    counted = step_flops(BenchmarkSettings(**TINY), "cpu")
+    assert counted == pytest.approx(analytic_step_flops(), rel=1e-9)
+
+
+def test_benchmarked_step_is_a_real_training_step():
+    step = build_hf_dino_step(BenchmarkSettings(**TINY), "cpu")
+    teacher_parameters = next(c.cell_contents for c in step.__closure__
+                              if isinstance(c.cell_contents, list) and c.cell_contents
+                              and isinstance(c.cell_contents[0], torch.nn.Parameter)
+                              and not c.cell_contents[0].requires_grad)
+    before = [p.detach().clone() for p in teacher_parameters]
+    losses = [step() for _ in range(2)]
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert any(not torch.equal(b, p) for b, p in zip(before, teacher_parameters))  # the EMA moved the teacher
+
+
+def test_mfu_uses_the_peak_of_the_precision_run():
+    values = {"train_img_per_s": 2.0}
+    _add_mfu(values, flops_per_image=10.0, peaks={"fp32": 40.0, "bf16": 80.0}, mixed_precision="no")
+    assert values["achieved_flops"] == 20.0 and values["mfu"] == 0.5 and values["mfu_bf16_peak"] == 0.25
+    _add_mfu(values, flops_per_image=10.0, peaks={"fp32": 40.0, "bf16": 80.0}, mixed_precision="bf16")
+    assert values["mfu"] == 0.25
+
+
+def test_matmul_peak_is_measured():
+    assert matmul_peak_flops(torch.float32, size=256, repeats=2) > 1e8
