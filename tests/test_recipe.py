@@ -69,3 +69,13 @@ def test_augmentation_strengths_reach_the_pipelines():
 
 def test_hub_dataset_ids_pass_validation():
     assert parse_recipe(["--dataset_name", "ILSVRC/imagenet-1k"]).dataset_name == "ILSVRC/imagenet-1k"
+
+
+def test_colour_augmentation_fields_reach_the_pipeline_and_are_validated():
+    params = DinoRecipe(color_jitter=(0.1, 0.2, 0.3, 0.05), color_jitter_prob=0.4, grayscale_prob=0.0).augmentation_params()
+    assert (params.brightness, params.contrast, params.saturation, params.hue) == (0.1, 0.2, 0.3, 0.05)
+    assert (params.color_jitter_prob, params.grayscale_prob) == (0.4, 0.0)
+    with pytest.raises(ValueError, match="color_jitter_prob"):
+        DinoRecipe(color_jitter_prob=1.5).validate()
+    with pytest.raises(ValueError, match="hue <= 0.5"):
+        DinoRecipe(color_jitter=(0.4, 0.4, 0.2, 0.7)).validate()

@@ -71,6 +71,11 @@ class DinoRecipe:
     blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_prob: float = 0.2
+    # colour jitter (brightness, contrast, saturation, hue) applied with `color_jitter_prob`, then
+    # grayscale with `grayscale_prob` (BYOL's 0.4/0.4/0.2/0.1, 0.8 and 0.2)
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
     # --- data ---
     dataset_name: str | None = None  # None: the embedded CIFAR-10 demo sample
     train_split: str = "train"
@@ -130,9 +135,12 @@ class DinoRecipe:
         from .transforms import AugmentationParams
 
         global_1, global_2, local = self.blur_probs
+        brightness, contrast, saturation, hue = self.color_jitter
         return AugmentationParams(blur_sigma=self.blur_sigma, blur_prob_global_1=global_1,
                                   blur_prob_global_2=global_2, blur_prob_local=local,
-                                  solarize_prob_global_2=self.solarize_prob)
+                                  solarize_prob_global_2=self.solarize_prob, color_jitter_prob=self.color_jitter_prob,
+                                  brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+                                  grayscale_prob=self.grayscale_prob)
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -167,8 +175,11 @@ class DinoRecipe:
                 problems.append(f"{name} must be >= 1")
         if self.local_crops_number < 0:
             problems.append("local_crops_number must be >= 0")
-        if not all(0 <= p <= 1 for p in (*self.blur_probs, self.solarize_prob)):
-            problems.append("blur_probs and solarize_prob must lie in [0, 1]")
+        if not all(0 <= p <= 1 for p in (*self.blur_probs, self.solarize_prob, self.color_jitter_prob,
+                                         self.grayscale_prob)):
+            problems.append("blur_probs, solarize_prob, color_jitter_prob and grayscale_prob must lie in [0, 1]")
+        if min(self.color_jitter) < 0 or self.color_jitter[3] > 0.5:
+            problems.append(f"color_jitter={self.color_jitter} must be >= 0, with hue <= 0.5")
         if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
             problems.append(f"blur_sigma={self.blur_sigma} must satisfy 0 < min <= max")
         for name in ("global_crops_scale", "local_crops_scale"):
