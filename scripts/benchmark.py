@@ -8,10 +8,10 @@ python scripts/benchmark.py --arch vit_tiny --num_hidden_layers 4 --patch_size 8
 """
 
 import argparse
-import json
 import os
 
 from hf_dino.benchmark import BenchmarkSettings, run_benchmark
+from hf_dino.cli import emit_json
 
 
 def main() -> None:
@@ -32,11 +32,7 @@ def main() -> None:
     if reference_repo and extra_path:
         reference_repo = os.pathsep.join([reference_repo, extra_path])
     result = run_benchmark(BenchmarkSettings(**args), reference_repo, rounds)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if output_json:
-        with open(output_json, "w") as handle:
-            handle.write(text + "\n")
+    emit_json(result, output_json)
 
 
 if __name__ == "__main__":

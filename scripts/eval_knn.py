@@ -5,30 +5,21 @@ python scripts/eval_knn.py --model OUTPUT_DIR/teacher_backbone --dataset_name DA
 """
 
 import argparse
-import json
 import logging
 
 import torch
 
-from hf_dino.data import FALLBACK_VAL_SPLITS, load_dataset_dict, select_split
+from hf_dino.cli import add_data_arguments, add_evaluation_size_arguments, emit_json, load_evaluation_splits
 from hf_dino.evaluation import RawPixels, knn_evaluate_splits, load_frozen_backbone
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="backbone or DinoModel folder, or a Hub id")
-    parser.add_argument("--dataset_name", default=None, help="Hub id, local folder or glob (default: demo data)")
-    parser.add_argument("--train_split", default="train")
-    parser.add_argument("--val_split", default="validation", help="falls back to 'test' when absent")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--label_column", default="label")
+    add_data_arguments(parser)
+    add_evaluation_size_arguments(parser)
     parser.add_argument("--k", type=int, nargs="+", default=[20])
     parser.add_argument("--temperature", type=float, default=0.07)
-    parser.add_argument("--image_size", type=int, default=None, help="default: the model's native size")
-    parser.add_argument("--resize_ratio", type=float, default=256 / 224,
-                        help="resize to image_size * ratio, then centre-crop image_size (1.0: whole image)")
-    parser.add_argument("--max_train_samples", type=int, default=None)
-    parser.add_argument("--max_val_samples", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--random_init", action="store_true",
@@ -47,21 +38,13 @@ def main() -> None:
         model, native_size = RawPixels(), 32
     else:
         model, native_size = load_frozen_backbone(args.model, device, random_init=args.random_init, seed=args.seed)
-    dataset_dict = load_dataset_dict(args.dataset_name)
-    train_split = select_split(dataset_dict, args.train_split)
-    val_split = select_split(dataset_dict, args.val_split, fallbacks=FALLBACK_VAL_SPLITS)
-    if args.max_val_samples is not None:
-        val_split = val_split.select(range(min(args.max_val_samples, len(val_split))))
+    train_split, val_split = load_evaluation_splits(args)
     result = knn_evaluate_splits(
         model, train_split, val_split, crop_size=args.image_size or native_size, ks=args.k,
         temperature=args.temperature, image_column=args.image_column, label_column=args.label_column,
         batch_size=args.batch_size, num_workers=args.num_workers, device=device,
-        max_train_samples=args.max_train_samples, resize_ratio=args.resize_ratio)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output_json:
-        with open(args.output_json, "w") as handle:
-            handle.write(text + "\n")
+        resize_ratio=args.resize_ratio)
+    emit_json(result, args.output_json)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,14 @@ python scripts/eval_linear.py --model OUTPUT_DIR/teacher_backbone --dataset_name
 """
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from hf_dino.data import FALLBACK_VAL_SPLITS, LabelledImageDataset, collate_labelled, load_dataset_dict, select_split
+from hf_dino.cli import add_data_arguments, add_evaluation_size_arguments, emit_json, load_evaluation_splits
+from hf_dino.data import LabelledImageDataset, collate_labelled
 from hf_dino.evaluation import load_frozen_backbone
 from hf_dino.linear_probe import LinearProbeConfig, train_linear_probe
 from hf_dino.transforms import evaluation_transform, linear_probe_train_transform
@@ -28,11 +28,8 @@ def str_to_bool(value: str) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="backbone or DinoModel folder, or a Hub id")
-    parser.add_argument("--dataset_name", default=None, help="Hub id, local folder or glob (default: demo data)")
-    parser.add_argument("--train_split", default="train")
-    parser.add_argument("--val_split", default="validation", help="falls back to 'test' when absent")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--label_column", default="label")
+    add_data_arguments(parser)
+    add_evaluation_size_arguments(parser)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--lr", type=float, nargs="+", default=[0.001],
@@ -44,13 +41,8 @@ def main() -> None:
                         help="append pooled patch tokens (default: true from ViT-B width)")
     parser.add_argument("--no_augmentation", action="store_true",
                         help="train on centre crops; features are then extracted once (much faster on a CPU)")
-    parser.add_argument("--image_size", type=int, default=None, help="default: the model's native size")
-    parser.add_argument("--resize_ratio", type=float, default=256 / 224,
-                        help="evaluation: resize to image_size * ratio, centre-crop image_size (1.0: whole image)")
     parser.add_argument("--train_crop_scale", type=float, nargs=2, default=[0.08, 1.0])
     parser.add_argument("--eval_every", type=int, default=1, help="epochs between evaluations")
-    parser.add_argument("--max_train_samples", type=int, default=None)
-    parser.add_argument("--max_val_samples", type=int, default=None)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--random_init", action="store_true", help="baseline: the architecture with random weights")
     parser.add_argument("--seed", type=int, default=0)
@@ -62,13 +54,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, native_size = load_frozen_backbone(args.model, device, random_init=args.random_init, seed=args.seed)
     image_size = args.image_size or native_size
-    dataset_dict = load_dataset_dict(args.dataset_name)
-    train_split = select_split(dataset_dict, args.train_split)
-    val_split = select_split(dataset_dict, args.val_split, fallbacks=FALLBACK_VAL_SPLITS)
-    if args.max_train_samples is not None:
-        train_split = train_split.select(range(min(args.max_train_samples, len(train_split))))
-    if args.max_val_samples is not None:
-        val_split = val_split.select(range(min(args.max_val_samples, len(val_split))))
+    train_split, val_split = load_evaluation_splits(args)
     num_classes = getattr(train_split.features.get(args.label_column), "num_classes", None)
     if num_classes is None:
         num_classes = int(max(train_split[args.label_column])) + 1
@@ -95,11 +81,7 @@ def main() -> None:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous().cpu() for k, v in classifier.state_dict().items()},
                   str(Path(args.output_dir) / "linear_classifier.safetensors"))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output_json:
-        with open(args.output_json, "w") as handle:
-            handle.write(text + "\n")
+    emit_json(result, args.output_json)
 
 
 if __name__ == "__main__":
