@@ -10,7 +10,7 @@ python scripts/benchmark.py --arch vit_tiny --num_hidden_layers 4 --patch_size 8
 import argparse
 import os
 
-from hf_dino.benchmark import BenchmarkSettings, run_benchmark
+from hf_dino.benchmark import BenchmarkSettings, compare_quality, run_benchmark
 from hf_dino.cli import emit_json
 
 
@@ -25,13 +25,24 @@ def main() -> None:
     parser.add_argument("--reference_pythonpath", default=None,
                         help="extra import path for the reference only (e.g. where its torchvision is installed)")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the implementations this many times, keep the best")
+    parser.add_argument("--quality_config", default=None,
+                        help="also train this recipe with hf_dino and with the reference's training code (same data "
+                             "pipeline) and compare the teachers' k-NN; needs --reference_repo")
+    parser.add_argument("--quality_epochs", type=int, default=4)
+    parser.add_argument("--quality_seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--output_json", default=None)
     args = vars(parser.parse_args())
     reference_repo, rounds, output_json = args.pop("reference_repo"), args.pop("rounds"), args.pop("output_json")
+    quality = {name: args.pop(name) for name in ("quality_config", "quality_epochs", "quality_seeds")}
     extra_path = args.pop("reference_pythonpath")
     if reference_repo and extra_path:
         reference_repo = os.pathsep.join([reference_repo, extra_path])
     result = run_benchmark(BenchmarkSettings(**args), reference_repo, rounds)
+    if quality["quality_config"]:
+        if not reference_repo:
+            raise SystemExit("--quality_config needs --reference_repo")
+        result["quality"] = compare_quality(quality["quality_config"], reference_repo, quality["quality_epochs"],
+                                            quality["quality_seeds"])
     emit_json(result, output_json)
 
 

@@ -384,7 +384,7 @@ def _run_isolated(function, *args):
     ok, value = queue.get()
     process.join()
     if not ok:
-        raise RuntimeError(f"{function.__name__}{args[:1]} failed in its subprocess:\n{value}")
+        raise RuntimeError(f"{function.__name__} failed in its subprocess:\n{value}")
     return value
 
 
@@ -425,3 +425,129 @@ def _add_mfu(values: dict, flops_per_image: float, peaks: dict, mixed_precision:
     values["mfu_fp32_peak"] = achieved / peaks["fp32"]
     values["mfu_bf16_peak"] = achieved / peaks["bf16"]
     values["mfu"] = values["mfu_fp32_peak"] if mixed_precision == "no" else values["mfu_bf16_peak"]
+
+
+# ---------------------------------------------------------------- equal-quality check
+def train_reference_on_recipe(recipe, reference_repo: str) -> dict:
+    """Run in a subprocess: the reference's networks, loss, optimizer set-up, schedules, clipping,
+    last-layer freeze and EMA (`main_dino.train_one_epoch`'s loop) for `recipe.epochs`, fed by
+    hf_dino's data pipeline (identical crops: same seed), then the 20-NN of its teacher backbone
+    (converted with `hf_dino.conversion`) by hf_dino's k-NN. Only the training code differs from
+    an hf_dino run of the same recipe."""
+    from functools import partial
+
+    from .configuration_dino import VIT_LAYER_NORM_EPS, VIT_MLP_RATIO, VIT_PRESETS
+    from .conversion import VIT_KEYS, load_strict, reference_to_transformers, vit_config_from_reference
+    from .data import FALLBACK_VAL_SPLITS, MultiCropDataset, collate_multicrop, load_dataset_dict, select_split
+    from .evaluation import knn_evaluate_splits
+    from .transforms import MultiCropAugmentation
+
+    vits, utils, main_dino = import_reference(reference_repo)
+    _single_process_group()
+    torch.manual_seed(recipe.seed)
+    dims = VIT_PRESETS[recipe.arch]
+
+    def network(drop_path_rate: float, norm_last_layer: bool):
+        backbone = vits.VisionTransformer(
+            img_size=[recipe.global_crop_size], patch_size=recipe.patch_size, embed_dim=dims["hidden_size"],
+            depth=recipe.num_hidden_layers or dims["num_hidden_layers"], num_heads=dims["num_attention_heads"],
+            mlp_ratio=VIT_MLP_RATIO, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=VIT_LAYER_NORM_EPS),
+            drop_path_rate=drop_path_rate)
+        head = vits.DINOHead(dims["hidden_size"], recipe.out_dim, use_bn=recipe.use_bn_in_head,
+                             norm_last_layer=norm_last_layer, nlayers=recipe.head_num_layers,
+                             hidden_dim=recipe.head_hidden_dim, bottleneck_dim=recipe.head_bottleneck_dim)
+        return utils.MultiCropWrapper(backbone, head)
+
+    student, teacher = network(recipe.drop_path_rate, recipe.norm_last_layer), network(0.0, True)
+    teacher.load_state_dict(student.state_dict())
+    for parameter in teacher.parameters():
+        parameter.requires_grad = False
+
+    dataset_dict = load_dataset_dict(recipe.dataset_name)
+    augmentation = MultiCropAugmentation(
+        global_crop_size=recipe.global_crop_size, local_crop_size=recipe.local_crop_size,
+        global_crops_scale=recipe.global_crops_scale, local_crops_scale=recipe.local_crops_scale,
+        local_crops_number=recipe.local_crops_number, params=recipe.augmentation_params())
+    train_split = select_split(dataset_dict, recipe.train_split)
+    if recipe.max_train_samples is not None:
+        train_split = train_split.select(range(min(recipe.max_train_samples, len(train_split))))
+    dataset = MultiCropDataset(train_split, augmentation, recipe.image_column, seed=recipe.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size_per_device, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(recipe.seed),
+                                         num_workers=recipe.num_workers, collate_fn=collate_multicrop)
+    iterations = len(loader)
+    lr_schedule = utils.cosine_scheduler(recipe.lr * recipe.batch_size_per_device / 256.0, recipe.min_lr,
+                                         recipe.epochs, iterations, warmup_epochs=recipe.warmup_epochs)
+    wd_schedule = utils.cosine_scheduler(recipe.weight_decay, recipe.weight_decay_end, recipe.epochs, iterations)
+    momentum_schedule = utils.cosine_scheduler(recipe.momentum_teacher, recipe.momentum_teacher_end,
+                                               recipe.epochs, iterations)
+    dino_loss = main_dino.DINOLoss(recipe.out_dim, 2 + recipe.local_crops_number, recipe.warmup_teacher_temp,
+                                   recipe.teacher_temp, recipe.warmup_teacher_temp_epochs, recipe.epochs,
+                                   student_temp=recipe.student_temp, center_momentum=recipe.center_momentum)
+    optimizer = torch.optim.AdamW(utils.get_params_groups(student))
+    student.train()
+    teacher.train()
+    start = time.perf_counter()
+    for epoch in range(recipe.epochs):
+        dataset.set_epoch(epoch)
+        for iteration, batch in enumerate(loader):
+            step = epoch * iterations + iteration
+            for index, group in enumerate(optimizer.param_groups):
+                group["lr"] = lr_schedule[step]
+                if index == 0:
+                    group["weight_decay"] = wd_schedule[step]
+            images = batch["crops"]
+            teacher_output = teacher(images[:2])
+            student_output = student(images)
+            loss = dino_loss(student_output, teacher_output, epoch)
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"reference loss {loss.item()} at step {step}")
+            optimizer.zero_grad()
+            loss.backward()
+            if recipe.clip_grad:
+                utils.clip_gradients(student, recipe.clip_grad)
+            utils.cancel_gradients_last_layer(epoch, student, recipe.freeze_last_layer)
+            optimizer.step()
+            with torch.no_grad():
+                momentum = momentum_schedule[step]
+                for param_q, param_k in zip(student.parameters(), teacher.parameters()):
+                    param_k.data.mul_(momentum).add_((1 - momentum) * param_q.detach().data)
+    train_time = time.perf_counter() - start
+
+    reference_state = teacher.backbone.state_dict()
+    config = vit_config_from_reference(reference_state)
+    from transformers import ViTModel
+
+    backbone = ViTModel(config, add_pooling_layer=False)
+    load_strict(backbone, reference_to_transformers(reference_state, VIT_KEYS)[0], "reference teacher")
+    knn = knn_evaluate_splits(
+        backbone, select_split(dataset_dict, recipe.train_split),
+        select_split(dataset_dict, recipe.val_split, fallbacks=FALLBACK_VAL_SPLITS), crop_size=recipe.global_crop_size,
+        ks=(recipe.knn_k,), temperature=recipe.knn_temperature, num_workers=recipe.num_workers,
+        max_train_samples=recipe.knn_max_train_samples)
+    return {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "steps": recipe.epochs * iterations,
+            "train_time_s": train_time}
+
+
+def train_hf_dino_on_recipe(recipe) -> dict:
+    """Run in a subprocess: an hf_dino run of `recipe` and its teacher's k-NN."""
+    from .trainer import DinoTrainer
+
+    results = DinoTrainer(recipe).train()
+    return {"knn_top1": results["knn"]["top1"], "knn_top5": results["knn"]["top5"],
+            "steps": results["global_step"], "train_time_s": results["train_time_s"]}
+
+
+def compare_quality(config_path: str, reference_repo: str, epochs: int, seeds=(0,), output_dir: str = "/tmp") -> dict:
+    """k-NN after the same number of steps of the same recipe, hf_dino vs the reference, per seed."""
+    from .recipe import DinoRecipe
+
+    rows = []
+    for seed in seeds:
+        recipe = DinoRecipe.from_yaml(config_path, epochs=epochs, seed=seed, eval_every=None,
+                                      output_dir=os.path.join(output_dir, f"hf_dino_quality_seed{seed}"))
+        ours = _run_isolated(train_hf_dino_on_recipe, recipe)
+        reference = _run_isolated(train_reference_on_recipe, recipe, reference_repo)
+        rows.append({"seed": seed, "hf_dino": ours, "reference": reference})
+    return {"config": config_path, "epochs": epochs, "runs": rows,
+            "knn_top1_difference": [row["hf_dino"]["knn_top1"] - row["reference"]["knn_top1"] for row in rows]}
