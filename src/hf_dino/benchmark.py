@@ -43,8 +43,20 @@ class BenchmarkSettings:
 
 
 # ---------------------------------------------------------------- machine peak
-def matmul_peak_flops(dtype: torch.dtype, device: str = "cpu", size: int = 2048, repeats: int = 5) -> float:
-    """Best achieved FLOP/s of a square matmul: the reference point of model FLOP utilisation."""
+def matmul_peak_flops(dtype: torch.dtype, device: str = "cpu", size: int = 2048, repeats: int = 5,
+                      max_seconds: float = 0.5) -> float:
+    """Best achieved FLOP/s of a square matmul: the reference point of model FLOP utilisation.
+    The side shrinks (by halves, down to 256) while one matmul would take over `max_seconds`,
+    so that an emulated dtype (bf16 without hardware support) does not stall the benchmark."""
+    while size > 256:
+        probe = torch.randn(256, 256, device=device, dtype=dtype)
+        _synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(probe, probe)
+        _synchronize(device)
+        if (time.perf_counter() - start) * (size / 256) ** 3 <= max_seconds:
+            break
+        size //= 2
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     torch.matmul(a, b)
@@ -357,8 +369,11 @@ def measure_augmentation(implementation: str, settings: BenchmarkSettings, refer
     for index in range(len(dataset)):
         dataset[index]
     single = len(dataset) / (time.perf_counter() - start)
+    # fork, not this process's inherited spawn method: spawned workers would re-import the script
+    # with the reference's import paths already added
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=settings.num_workers,
-                                         collate_fn=len, persistent_workers=True)
+                                         collate_fn=len, persistent_workers=True, multiprocessing_context=context)
     sum(loader)  # workers started and warm
     start = time.perf_counter()
     count = sum(loader)
