@@ -369,16 +369,19 @@ def measure_augmentation(implementation: str, settings: BenchmarkSettings, refer
     for index in range(len(dataset)):
         dataset[index]
     single = len(dataset) / (time.perf_counter() - start)
-    # fork, not this process's inherited spawn method: spawned workers would re-import the script
-    # with the reference's import paths already added
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=settings.num_workers,
-                                         collate_fn=len, persistent_workers=True, multiprocessing_context=context)
+                                         collate_fn=len, persistent_workers=True, multiprocessing_context=_fork_context())
     sum(loader)  # workers started and warm
     start = time.perf_counter()
     count = sum(loader)
     workers = count / (time.perf_counter() - start)
     return {"augment_img_per_s": single, f"augment_img_per_s_{settings.num_workers}_workers": workers}
+
+
+def _fork_context():
+    """DataLoader workers forked, not started with the spawn method this subprocess inherits:
+    spawned workers would re-import the script with the reference's import paths already added."""
+    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
 
 
 def _child(queue, function, args) -> None:
@@ -489,7 +492,8 @@ def train_reference_on_recipe(recipe, reference_repo: str) -> dict:
     dataset = MultiCropDataset(train_split, augmentation, recipe.image_column, seed=recipe.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size_per_device, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(recipe.seed),
-                                         num_workers=recipe.num_workers, collate_fn=collate_multicrop)
+                                         num_workers=recipe.num_workers, collate_fn=collate_multicrop,
+                                         multiprocessing_context=_fork_context() if recipe.num_workers else None)
     iterations = len(loader)
     lr_schedule = utils.cosine_scheduler(recipe.lr * recipe.batch_size_per_device / 256.0, recipe.min_lr,
                                          recipe.epochs, iterations, warmup_epochs=recipe.warmup_epochs)
