@@ -492,8 +492,8 @@ def train_reference_on_recipe(recipe, reference_repo: str) -> dict:
     dataset = MultiCropDataset(train_split, augmentation, recipe.image_column, seed=recipe.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size_per_device, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(recipe.seed),
-                                         num_workers=recipe.num_workers, collate_fn=collate_multicrop,
-                                         multiprocessing_context=_fork_context() if recipe.num_workers else None)
+                                         num_workers=0, collate_fn=collate_multicrop)  # in-process: workers
+    # would inherit the reference's import paths (and its torchvision); crops do not depend on workers
     iterations = len(loader)
     lr_schedule = utils.cosine_scheduler(recipe.lr * recipe.batch_size_per_device / 256.0, recipe.min_lr,
                                          recipe.epochs, iterations, warmup_epochs=recipe.warmup_epochs)
@@ -542,7 +542,7 @@ def train_reference_on_recipe(recipe, reference_repo: str) -> dict:
     knn = knn_evaluate_splits(
         backbone, select_split(dataset_dict, recipe.train_split),
         select_split(dataset_dict, recipe.val_split, fallbacks=FALLBACK_VAL_SPLITS), crop_size=recipe.global_crop_size,
-        ks=(recipe.knn_k,), temperature=recipe.knn_temperature, num_workers=recipe.num_workers,
+        ks=(recipe.knn_k,), temperature=recipe.knn_temperature, num_workers=0,
         max_train_samples=recipe.knn_max_train_samples)
     return {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "steps": recipe.epochs * iterations,
             "train_time_s": train_time}
