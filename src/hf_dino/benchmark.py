@@ -98,17 +98,24 @@ def _autocast(settings: BenchmarkSettings, device: str):
 
 
 # ---------------------------------------------------------------- hf_dino step
+def _step_recipe(settings: BenchmarkSettings):
+    """The recipe both implementations' benchmarked steps are built from: the paper's defaults
+    (drop-path 0.1, 3-layer head 2048/256, normalised last layer) at the benchmark's sizes."""
+    from .recipe import DinoRecipe
+
+    return DinoRecipe(arch=settings.arch, patch_size=settings.patch_size, num_hidden_layers=settings.num_hidden_layers,
+                      global_crop_size=settings.global_crop_size, local_crop_size=settings.local_crop_size,
+                      local_crops_number=settings.local_crops_number, out_dim=settings.out_dim)
+
+
 def build_hf_dino_step(settings: BenchmarkSettings, device: str):
     """One hf_dino optimizer step (teacher + student forward, loss, backward, clip, AdamW, EMA,
     centre) as a closure over pre-made crops, plus the student for FLOP counting."""
     from .loss import DinoLoss
     from .optimization import build_optimizer, clip_gradients_per_parameter, ema_update
-    from .recipe import DinoRecipe
     from .trainer import build_student_and_teacher
 
-    recipe = DinoRecipe(arch=settings.arch, patch_size=settings.patch_size, num_hidden_layers=settings.num_hidden_layers,
-                        global_crop_size=settings.global_crop_size, local_crop_size=settings.local_crop_size,
-                        local_crops_number=settings.local_crops_number, out_dim=settings.out_dim)
+    recipe = _step_recipe(settings)
     student, teacher = build_student_and_teacher(recipe)
     student.to(device).train()
     teacher.to(device).train()
@@ -188,35 +195,45 @@ def _single_process_group() -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
+def reference_student_and_teacher(vits, utils, recipe):
+    """The reference's `MultiCropWrapper(VisionTransformer, DINOHead)` student and teacher for a
+    `DinoRecipe` (ViT presets of hf_dino, settable depth): teacher without drop-path, a copy of the
+    student's weights, no gradients."""
+    from functools import partial
+
+    from .configuration_dino import VIT_LAYER_NORM_EPS, VIT_MLP_RATIO, VIT_PRESETS
+
+    if recipe.arch not in VIT_PRESETS:
+        raise ValueError("the reference comparison covers ViTs")
+    dims = VIT_PRESETS[recipe.arch]
+
+    def network(drop_path_rate: float, norm_last_layer: bool):
+        backbone = vits.VisionTransformer(
+            img_size=[recipe.global_crop_size], patch_size=recipe.patch_size, embed_dim=dims["hidden_size"],
+            depth=recipe.num_hidden_layers or dims["num_hidden_layers"], num_heads=dims["num_attention_heads"],
+            mlp_ratio=VIT_MLP_RATIO, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=VIT_LAYER_NORM_EPS),
+            drop_path_rate=drop_path_rate)
+        head = vits.DINOHead(dims["hidden_size"], recipe.out_dim, use_bn=recipe.use_bn_in_head,
+                             norm_last_layer=norm_last_layer, nlayers=recipe.head_num_layers,
+                             hidden_dim=recipe.head_hidden_dim, bottleneck_dim=recipe.head_bottleneck_dim)
+        return utils.MultiCropWrapper(backbone, head)
+
+    student, teacher = network(recipe.drop_path_rate, recipe.norm_last_layer), network(0.0, True)
+    teacher.load_state_dict(student.state_dict())
+    for parameter in teacher.parameters():
+        parameter.requires_grad = False
+    return student, teacher
+
+
 def build_reference_step(settings: BenchmarkSettings, device: str, reference_repo: str):
     """The reference's training iteration (main_dino.train_one_epoch) on pre-made crops: its
     MultiCropWrapper(ViT, DINOHead), DINOLoss, get_params_groups + AdamW, clip_gradients,
     cancel_gradients_last_layer, the per-parameter EMA loop and the per-step `loss.item()`."""
     vits, utils, main_dino = import_reference(reference_repo)
     _single_process_group()
-    if not settings.arch.startswith("vit"):
-        raise ValueError("the reference comparison covers ViTs")
-    from functools import partial
-
-    from .configuration_dino import VIT_LAYER_NORM_EPS, VIT_MLP_RATIO, VIT_PRESETS
-
-    dims = VIT_PRESETS[settings.arch]
-
-    def backbone(drop_path_rate: float):  # the reference's vit_* constructors, with a settable depth
-        return vits.VisionTransformer(
-            img_size=[settings.global_crop_size], patch_size=settings.patch_size, embed_dim=dims["hidden_size"],
-            depth=settings.num_hidden_layers or dims["num_hidden_layers"], num_heads=dims["num_attention_heads"],
-            mlp_ratio=VIT_MLP_RATIO, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=VIT_LAYER_NORM_EPS),
-            drop_path_rate=drop_path_rate)
-
-    student, teacher = backbone(0.1), backbone(0.0)
-    student = utils.MultiCropWrapper(student, vits.DINOHead(student.embed_dim, settings.out_dim, norm_last_layer=True))
-    teacher = utils.MultiCropWrapper(teacher, vits.DINOHead(teacher.embed_dim, settings.out_dim))
+    student, teacher = reference_student_and_teacher(vits, utils, _step_recipe(settings))
     student.to(device).train()
     teacher.to(device).train()
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad = False
     loss_fn = main_dino.DINOLoss(settings.out_dim, settings.local_crops_number + 2, 0.04, 0.04, 0, 100).to(device)
     optimizer = torch.optim.AdamW(utils.get_params_groups(student), lr=1e-5)
     scaler = torch.amp.GradScaler(device) if settings.mixed_precision == "fp16" else None
@@ -452,9 +469,6 @@ def train_reference_on_recipe(recipe, reference_repo: str) -> dict:
     hf_dino's data pipeline (identical crops: same seed), then the 20-NN of its teacher backbone
     (converted with `hf_dino.conversion`) by hf_dino's k-NN. Only the training code differs from
     an hf_dino run of the same recipe."""
-    from functools import partial
-
-    from .configuration_dino import VIT_LAYER_NORM_EPS, VIT_MLP_RATIO, VIT_PRESETS
     from .conversion import VIT_KEYS, load_strict, reference_to_transformers, vit_config_from_reference
     from .data import FALLBACK_VAL_SPLITS, MultiCropDataset, collate_multicrop, load_dataset_dict, select_split
     from .evaluation import knn_evaluate_splits
@@ -463,23 +477,7 @@ def train_reference_on_recipe(recipe, reference_repo: str) -> dict:
     vits, utils, main_dino = import_reference(reference_repo)
     _single_process_group()
     torch.manual_seed(recipe.seed)
-    dims = VIT_PRESETS[recipe.arch]
-
-    def network(drop_path_rate: float, norm_last_layer: bool):
-        backbone = vits.VisionTransformer(
-            img_size=[recipe.global_crop_size], patch_size=recipe.patch_size, embed_dim=dims["hidden_size"],
-            depth=recipe.num_hidden_layers or dims["num_hidden_layers"], num_heads=dims["num_attention_heads"],
-            mlp_ratio=VIT_MLP_RATIO, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=VIT_LAYER_NORM_EPS),
-            drop_path_rate=drop_path_rate)
-        head = vits.DINOHead(dims["hidden_size"], recipe.out_dim, use_bn=recipe.use_bn_in_head,
-                             norm_last_layer=norm_last_layer, nlayers=recipe.head_num_layers,
-                             hidden_dim=recipe.head_hidden_dim, bottleneck_dim=recipe.head_bottleneck_dim)
-        return utils.MultiCropWrapper(backbone, head)
-
-    student, teacher = network(recipe.drop_path_rate, recipe.norm_last_layer), network(0.0, True)
-    teacher.load_state_dict(student.state_dict())
-    for parameter in teacher.parameters():
-        parameter.requires_grad = False
+    student, teacher = reference_student_and_teacher(vits, utils, recipe)
 
     dataset_dict = load_dataset_dict(recipe.dataset_name)
     augmentation = MultiCropAugmentation(

@@ -186,7 +186,8 @@ class HubPusher:
 def push_folder(folder: str | Path, repo_id: str, private: bool = False, commit_message: str = "Upload") -> bool:
     """Upload one folder and wait for it; errors are logged, never raised. Returns success."""
     pusher = HubPusher(repo_id, private)
-    return pusher.push(folder, commit_message).result()
+    pusher.push(folder, commit_message)
+    return pusher.wait()["succeeded"] == 1
 
 
 def push_run(output_dir: str | Path, repo_id: str, private: bool = False, extra_results: dict | None = None,

@@ -12,6 +12,7 @@ copy and applies the same EMA update from the (synchronised) student.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -100,7 +101,8 @@ def build_dino_config(recipe: DinoRecipe, drop_path_rate: float) -> DinoConfig:
 def build_student_and_teacher(recipe: DinoRecipe) -> tuple[DinoModel, DinoModel]:
     """Student (with stochastic depth) and teacher (without), starting from identical weights:
     random, or the backbone of `recipe.init_backbone` (the head always starts random)."""
-    student = DinoModel(build_dino_config(recipe, recipe.drop_path_rate))
+    student_config = build_dino_config(recipe, recipe.drop_path_rate)
+    student = DinoModel(student_config)
     if recipe.init_backbone:
         from transformers import AutoModel
 
@@ -110,7 +112,9 @@ def build_student_and_teacher(recipe: DinoRecipe) -> tuple[DinoModel, DinoModel]
         state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("pooler.")}
         load_strict(student.backbone, state, f"init_backbone {recipe.init_backbone}")
         logger.info("Student and teacher backbones start from %s", recipe.init_backbone)
-    teacher = DinoModel(build_dino_config(recipe, drop_path_rate=0.0))
+    teacher_config = copy.deepcopy(student_config)
+    teacher_config.drop_path_rate = 0.0
+    teacher = DinoModel(teacher_config)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     return student, teacher
