@@ -81,6 +81,25 @@ def test_multicrop_dataset_crops_depend_on_seed_epoch_and_index():
     assert not torch.equal(first[0], dataset[1]["crops"][0])
 
 
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_persistent_workers_follow_the_epoch(context):
+    """Workers created once for the whole run still crop each epoch with that epoch's seeds:
+    the crops equal those made in this process for (seed, epoch, index)."""
+    train = load_dataset_dict(None)["train"].select(range(4))
+    dataset = MultiCropDataset(train, MultiCropAugmentation(32, 16, local_crops_number=1), seed=3)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, persistent_workers=True,
+                                         collate_fn=collate_multicrop, multiprocessing_context=context)
+    per_epoch = []
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        from_workers = torch.cat([batch["crops"][0] for batch in loader])
+        dataset.set_epoch(epoch)  # the same crops, made here
+        in_process = torch.stack([dataset[index]["crops"][0] for index in range(4)])
+        assert torch.equal(from_workers, in_process)
+        per_epoch.append(from_workers)
+    assert not torch.equal(per_epoch[0], per_epoch[1])
+
+
 def test_hub_ids_and_local_paths_are_told_apart():
     from hf_dino.data import looks_like_local_path
 

@@ -137,10 +137,26 @@ def multicrop_sample(image_cell: Any, augmentation: Callable, seed: int, index: 
     return {"crops": augmentation(image, seed=seed), "index": index}
 
 
+class SharedEpoch:
+    """The current epoch, held in shared memory so that persistent DataLoader workers (created
+    once, each with its own copy of the dataset) read the value the main process sets before
+    each epoch's iterator starts. 🤗 datasets' IterableDataset shares its epoch the same way."""
+
+    def __init__(self, epoch: int = 0):
+        self._value = torch.tensor(epoch, dtype=torch.long).share_memory_()
+
+    def set(self, epoch: int) -> None:
+        self._value.fill_(epoch)
+
+    def get(self) -> int:
+        return int(self._value)
+
+
 class MultiCropDataset(torch.utils.data.Dataset):
     """Map-style dataset: item i -> {"crops": list of V tensors (3, S, S)} or None if undecodable.
 
-    The crops depend on (seed, epoch, i) only; call `set_epoch` before each epoch.
+    The crops depend on (seed, epoch, i) only; call `set_epoch` before each epoch (before
+    iterating the DataLoader: persistent workers see it through shared memory).
     """
 
     def __init__(self, dataset: datasets.Dataset, augmentation: Callable, image_column: str = "image",
@@ -149,10 +165,14 @@ class MultiCropDataset(torch.utils.data.Dataset):
         self.augmentation = augmentation
         self.image_column = image_column
         self.seed = seed
-        self.epoch = 0
+        self._epoch = SharedEpoch()
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.set(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -226,17 +246,22 @@ class StreamingMultiCropDataset(torch.utils.data.IterableDataset):
         self.image_column = image_column
         self.seed = seed
         self.rank = rank
-        self.epoch = 0
+        self._epoch = SharedEpoch()
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.dataset.set_epoch(epoch)
+        self._epoch.set(epoch)
+        self.dataset.set_epoch(epoch)  # 🤗 datasets shares its own epoch with persistent workers
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
         worker_id = worker.id if worker is not None else 0
+        epoch = self.epoch
         for position, row in enumerate(self.dataset):
-            seed = sample_seed(self.seed, self.epoch, self.rank, worker_id, position)
+            seed = sample_seed(self.seed, epoch, self.rank, worker_id, position)
             yield multicrop_sample(row[self.image_column], self.augmentation, seed, position)
 
 

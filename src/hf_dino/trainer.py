@@ -185,7 +185,8 @@ class DinoTrainer:
             local_crops_number=recipe.local_crops_number, params=recipe.augmentation_params())
         loader_kwargs = dict(batch_size=recipe.batch_size_per_device, drop_last=True, num_workers=recipe.num_workers,
                              collate_fn=collate_multicrop, pin_memory=accelerator.device.type == "cuda",
-                             persistent_workers=False,  # workers must see the new epoch's augmentation seeds
+                             # Workers live for the whole run; the epoch reaches them through shared memory.
+                             persistent_workers=recipe.num_workers > 0,
                              prefetch_factor=4 if recipe.num_workers > 0 else None)
         if recipe.streaming:
             num_examples = streamed_split_length(train_split)
