@@ -138,21 +138,23 @@ def multicrop_sample(image_cell: Any, augmentation: Callable, seed: int, index: 
 
 
 class SharedEpoch:
-    """The current epoch, held in shared memory so that persistent DataLoader workers (created
-    once, each with its own copy of the dataset) read the value the main process sets before
-    each epoch's iterator starts. 🤗 datasets' IterableDataset shares its epoch the same way."""
+    """Base of the training datasets: the current epoch, held in shared memory so that persistent
+    DataLoader workers (created once, each with its own copy of the dataset) read the value the
+    main process sets before each epoch's iterator starts. 🤗 datasets' IterableDataset shares
+    its epoch the same way."""
 
-    def __init__(self, epoch: int = 0):
-        self._value = torch.tensor(epoch, dtype=torch.long).share_memory_()
+    def __init__(self):
+        self._epoch = torch.tensor(0, dtype=torch.long).share_memory_()
 
-    def set(self, epoch: int) -> None:
-        self._value.fill_(epoch)
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
-    def get(self) -> int:
-        return int(self._value)
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
 
 
-class MultiCropDataset(torch.utils.data.Dataset):
+class MultiCropDataset(SharedEpoch, torch.utils.data.Dataset):
     """Map-style dataset: item i -> {"crops": list of V tensors (3, S, S)} or None if undecodable.
 
     The crops depend on (seed, epoch, i) only; call `set_epoch` before each epoch (before
@@ -165,14 +167,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
         self.augmentation = augmentation
         self.image_column = image_column
         self.seed = seed
-        self._epoch = SharedEpoch()
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch.get()
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.set(epoch)
+        SharedEpoch.__init__(self)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -225,7 +220,7 @@ def collate_labelled(samples: list[dict | None]) -> dict:
     }
 
 
-class StreamingMultiCropDataset(torch.utils.data.IterableDataset):
+class StreamingMultiCropDataset(SharedEpoch, torch.utils.data.IterableDataset):
     """Iterable counterpart of `MultiCropDataset` over a streamed 🤗 `IterableDataset`.
 
     The stream is split across processes with `split_dataset_by_node` (each process reads its
@@ -246,14 +241,10 @@ class StreamingMultiCropDataset(torch.utils.data.IterableDataset):
         self.image_column = image_column
         self.seed = seed
         self.rank = rank
-        self._epoch = SharedEpoch()
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch.get()
+        SharedEpoch.__init__(self)
 
     def set_epoch(self, epoch: int) -> None:
-        self._epoch.set(epoch)
+        super().set_epoch(epoch)
         self.dataset.set_epoch(epoch)  # 🤗 datasets shares its own epoch with persistent workers
 
     def __iter__(self):
