@@ -61,7 +61,7 @@ def test_collate_drops_and_counts_bad_samples():
 def test_embedded_demo_dataset_loads():
     dataset_dict = load_dataset_dict(None)
     assert DEMO_DATASET_DIR.exists()
-    assert len(dataset_dict["train"]) == 5000 and len(dataset_dict["test"]) == 1000
+    assert len(dataset_dict["train"]) == 10000 and len(dataset_dict["test"]) == 1000
     assert select_split(dataset_dict, "validation", fallbacks=("test",)) is dataset_dict["test"]
     with pytest.raises(KeyError, match="available: train, test"):
         select_split(dataset_dict, "validation")

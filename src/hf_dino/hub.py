@@ -46,7 +46,7 @@ def build_image_processor(recipe: DinoRecipe) -> ViTImageProcessorPil:
 
 def render_model_card(recipe: DinoRecipe, results: dict, backbone_class: str, repo_id: str | None = None) -> ModelCard:
     """Fill `model_cards/teacher_backbone.md` from a run's recipe and results."""
-    dataset = recipe.dataset_name or "cifar10 (hf_dino's embedded 5,000-image demo sample)"
+    dataset = recipe.dataset_name or "cifar10 (hf_dino's embedded 10,000-image demo sample)"
     dataset_id = recipe.dataset_name if recipe.dataset_name and "/" not in recipe.dataset_name.strip("/")[:-1] else None
     repo_id = repo_id or recipe.hub_model_id or "path/to/teacher_backbone"
     knn, linear = results.get("knn"), results.get("linear")
