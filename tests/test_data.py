@@ -93,7 +93,6 @@ def test_persistent_workers_follow_the_epoch(context):
     for epoch in range(2):
         dataset.set_epoch(epoch)
         from_workers = torch.cat([batch["crops"][0] for batch in loader])
-        dataset.set_epoch(epoch)  # the same crops, made here
         in_process = torch.stack([dataset[index]["crops"][0] for index in range(4)])
         assert torch.equal(from_workers, in_process)
         per_epoch.append(from_workers)
