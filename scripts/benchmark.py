@@ -30,19 +30,28 @@ def main() -> None:
                              "pipeline) and compare the teachers' k-NN; needs --reference_repo")
     parser.add_argument("--quality_epochs", type=int, default=4)
     parser.add_argument("--quality_seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--quality_num_threads", type=int, default=None,
+                        help="torch threads per quality run (default: all cores)")
+    parser.add_argument("--quality_output_dir", default="/tmp", help="where the quality runs' teachers are saved")
+    parser.add_argument("--quality_only", action="store_true", help="skip the speed and memory measurements")
     parser.add_argument("--output_json", default=None)
     args = vars(parser.parse_args())
     reference_repo, rounds, output_json = args.pop("reference_repo"), args.pop("rounds"), args.pop("output_json")
-    quality = {name: args.pop(name) for name in ("quality_config", "quality_epochs", "quality_seeds")}
+    quality = {name: args.pop(name) for name in ("quality_config", "quality_epochs", "quality_seeds",
+                                                 "quality_num_threads", "quality_output_dir")}
+    quality_only = args.pop("quality_only")
+    if quality["quality_config"] and not reference_repo:
+        raise SystemExit("--quality_config needs --reference_repo")
+    if quality_only and not quality["quality_config"]:
+        raise SystemExit("--quality_only needs --quality_config")
     extra_path = args.pop("reference_pythonpath")
     if reference_repo and extra_path:
         reference_repo = os.pathsep.join([reference_repo, extra_path])
-    result = run_benchmark(BenchmarkSettings(**args), reference_repo, rounds)
+    result = {} if quality_only else run_benchmark(BenchmarkSettings(**args), reference_repo, rounds)
     if quality["quality_config"]:
-        if not reference_repo:
-            raise SystemExit("--quality_config needs --reference_repo")
         result["quality"] = compare_quality(quality["quality_config"], reference_repo, quality["quality_epochs"],
-                                            quality["quality_seeds"])
+                                            quality["quality_seeds"], output_dir=quality["quality_output_dir"],
+                                            num_threads=quality["quality_num_threads"])
     emit_json(result, output_json)
 
 

@@ -1,8 +1,13 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from hf_dino.benchmark import BenchmarkSettings, _add_mfu, build_hf_dino_step, matmul_peak_flops, step_flops
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = dict(arch="vit_tiny", num_hidden_layers=2, patch_size=8, global_crop_size=32, local_crop_size=16,
             local_crops_number=2, batch_size=4, out_dim=256)
 
@@ -54,3 +59,15 @@ def test_mfu_uses_the_peak_of_the_precision_run():
 
 def test_matmul_peak_is_measured():
     assert matmul_peak_flops(torch.float32, size=256, repeats=2) > 1e8
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--quality_only"], "--quality_only needs --quality_config"),
+    (["--quality_config", "configs/demo_cifar10_cpu.yaml"], "--quality_config needs --reference_repo"),
+])
+def test_benchmark_script_rejects_incomplete_quality_options(arguments, message):
+    """A quality comparison without its inputs fails at once, before any measurement runs."""
+    completed = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), *arguments],
+                               capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert completed.returncode != 0
+    assert message in completed.stderr

@@ -468,14 +468,18 @@ def train_reference_on_recipe(recipe, reference_repo: str) -> dict:
     last-layer freeze and EMA (`main_dino.train_one_epoch`'s loop) for `recipe.epochs`, fed by
     hf_dino's data pipeline (identical crops: same seed), then the 20-NN of its teacher backbone
     (converted with `hf_dino.conversion`) by hf_dino's k-NN. Only the training code differs from
-    an hf_dino run of the same recipe."""
+    an hf_dino run of the same recipe. The converted teacher backbone is saved as a transformers
+    model folder, `recipe.output_dir/reference_teacher_backbone`, for further evaluation."""
     from .conversion import VIT_KEYS, load_strict, reference_to_transformers, vit_config_from_reference
     from .data import FALLBACK_VAL_SPLITS, MultiCropDataset, collate_multicrop, load_dataset_dict, select_split
     from .evaluation import knn_evaluate_splits
+    from .hub import save_backbone_folder
     from .transforms import MultiCropAugmentation
 
     vits, utils, main_dino = import_reference(reference_repo)
     _single_process_group()
+    if recipe.num_threads:
+        torch.set_num_threads(recipe.num_threads)
     torch.manual_seed(recipe.seed)
     student, teacher = reference_student_and_teacher(vits, utils, recipe)
 
@@ -537,6 +541,8 @@ def train_reference_on_recipe(recipe, reference_repo: str) -> dict:
 
     backbone = ViTModel(config, add_pooling_layer=False)
     load_strict(backbone, reference_to_transformers(reference_state, VIT_KEYS)[0], "reference teacher")
+    save_backbone_folder(backbone, os.path.join(recipe.output_dir, "reference_teacher_backbone"), recipe,
+                         {"implementation": "facebookresearch/dino training loop", "global_step": step + 1})
     knn = knn_evaluate_splits(
         backbone, select_split(dataset_dict, recipe.train_split),
         select_split(dataset_dict, recipe.val_split, fallbacks=FALLBACK_VAL_SPLITS), crop_size=recipe.global_crop_size,
@@ -555,13 +561,16 @@ def train_hf_dino_on_recipe(recipe) -> dict:
             "steps": results["global_step"], "train_time_s": results["train_time_s"]}
 
 
-def compare_quality(config_path: str, reference_repo: str, epochs: int, seeds=(0,), output_dir: str = "/tmp") -> dict:
-    """k-NN after the same number of steps of the same recipe, hf_dino vs the reference, per seed."""
+def compare_quality(config_path: str, reference_repo: str, epochs: int, seeds=(0,), output_dir: str = "/tmp",
+                    num_threads: int | None = None) -> dict:
+    """k-NN after the same number of steps of the same recipe, hf_dino vs the reference, per seed.
+    Both teacher backbones stay in `output_dir/hf_dino_quality_seed{seed}/` (`teacher_backbone`,
+    `reference_teacher_backbone`) for `scripts/eval_knn.py` on a larger split."""
     from .recipe import DinoRecipe
 
     rows = []
     for seed in seeds:
-        recipe = DinoRecipe.from_yaml(config_path, epochs=epochs, seed=seed, eval_every=None,
+        recipe = DinoRecipe.from_yaml(config_path, epochs=epochs, seed=seed, eval_every=None, num_threads=num_threads,
                                       output_dir=os.path.join(output_dir, f"hf_dino_quality_seed{seed}"))
         ours = _run_isolated(train_hf_dino_on_recipe, recipe)
         reference = _run_isolated(train_reference_on_recipe, recipe, reference_repo)
