@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_dino.benchmark import BenchmarkSettings, _add_mfu, build_hf_dino_step, matmul_peak_flops, step_flops
+from hf_dino.benchmark import (BenchmarkSettings, _add_mfu, build_hf_dino_step, matmul_peak_flops, step_flops,
+                               time_interleaved)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(arch="vit_tiny", num_hidden_layers=2, patch_size=8, global_crop_size=32, local_crop_size=16,
@@ -71,3 +72,25 @@ def test_benchmark_script_rejects_incomplete_quality_options(arguments, message)
                                capture_output=True, text=True, cwd=REPO, timeout=120)
     assert completed.returncode != 0
     assert message in completed.stderr
+
+
+def test_interleaved_timing_alternates_and_times_each_step():
+    """Steps run in turn with the order reversed every round (A B, B A, ...), warm-up steps are
+    not timed, and a step that sleeps 3x longer measures ~3x longer."""
+    import time
+
+    calls = []
+
+    def sleeper(name, seconds):
+        def step():
+            calls.append(name)
+            time.sleep(seconds)
+        return step
+
+    seconds = time_interleaved({"fast": sleeper("fast", 0.01), "slow": sleeper("slow", 0.03)},
+                               warmup_steps=1, timed_steps=4)
+    assert calls == ["fast", "slow"] + ["fast", "slow", "slow", "fast"] * 2
+    assert len(seconds["fast"]) == len(seconds["slow"]) == 4
+    assert all(0.01 <= t < 0.02 for t in sorted(seconds["fast"])[:2])  # sleep never returns early
+    ratios = sorted(slow / fast for fast, slow in zip(seconds["fast"], seconds["slow"]))
+    assert 2.0 < ratios[len(ratios) // 2] < 3.5

@@ -15,6 +15,7 @@ import math
 import multiprocessing
 import os
 import resource
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -316,6 +317,43 @@ def measure_training(implementation: str, settings: BenchmarkSettings, reference
     return {"train_img_per_s": img_per_s, "peak_memory_mb": peak}
 
 
+def time_interleaved(steps: dict, warmup_steps: int, timed_steps: int, device: str = "cpu") -> dict:
+    """Seconds per step of several step closures timed alternately, one step each in turn, the
+    order reversed every round (A B, B A, ...), so that all see the same machine conditions.
+    Returns {name: [seconds of each timed step]}; on a shared machine whose speed drifts, ratios
+    of these paired times are steadier than best-of-runs in separate processes."""
+    names = list(steps)
+    for _ in range(warmup_steps):
+        for name in names:
+            steps[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(timed_steps):
+        for name in (names if round_index % 2 == 0 else names[::-1]):
+            _synchronize(device)
+            start = time.perf_counter()
+            steps[name]()
+            _synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def measure_training_interleaved(settings: BenchmarkSettings, reference_repo: str) -> dict:
+    """Run in a subprocess: both implementations' steps built in one process and timed
+    alternately (`time_interleaved`). Returns the median images/s of each and the median of the
+    per-round ratios (hf_dino / reference)."""
+    torch.manual_seed(settings.seed)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    steps = {"hf_dino": build_hf_dino_step(settings, device),
+             "reference": build_reference_step(settings, device, reference_repo)}
+    seconds = time_interleaved(steps, settings.warmup_steps, settings.timed_steps, device)
+    ratios = [reference / ours for ours, reference in zip(seconds["hf_dino"], seconds["reference"])]
+    return {"hf_dino_train_img_per_s": settings.batch_size / statistics.median(seconds["hf_dino"]),
+            "reference_train_img_per_s": settings.batch_size / statistics.median(seconds["reference"]),
+            "train_img_per_s_ratio": statistics.median(ratios), "train_img_per_s_ratios": ratios}
+
+
 def synthetic_jpegs(settings: BenchmarkSettings) -> list[bytes]:
     """~256 px JPEG photographs (scikit-image's samples when installed, else smooth random images)."""
     from PIL import Image
@@ -450,6 +488,7 @@ def run_benchmark(settings: BenchmarkSettings, reference_repo: str | None = None
         result["reference"] = reference
         result["ratio"] = {key: result[key] / reference[key] for key in reference
                            if isinstance(reference[key], (int, float)) and key in result and reference[key]}
+        result["interleaved"] = _run_isolated(measure_training_interleaved, settings, reference_repo)
     return result
 
 
