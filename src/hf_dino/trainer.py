@@ -13,6 +13,7 @@ copy and applies the same EMA update from the (synchronised) student.
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import json
 import logging
@@ -367,6 +368,13 @@ class DinoTrainer:
             if recipe.knn_eval_at_end:
                 results["knn"] = self.evaluate_knn(teacher, dataset_dict)
             self._save_final(teacher, results)
+        accelerator.wait_for_everyone()
+        # The DDP wrapper's reducer holds the process group. Free it on every rank while all ranks are
+        # still alive: freed later, after a peer has exited, gloo's destructor can hang.
+        del student, optimizer
+        accelerator.free_memory()
+        gc.collect()
+        accelerator.wait_for_everyone()
         accelerator.end_training()
         return results
 
