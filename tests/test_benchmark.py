@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,8 +78,6 @@ def test_benchmark_script_rejects_incomplete_quality_options(arguments, message)
 def test_interleaved_timing_alternates_and_times_each_step():
     """Steps run in turn with the order reversed every round (A B, B A, ...), warm-up steps are
     not timed, and a step that sleeps 3x longer measures ~3x longer."""
-    import time
-
     calls = []
 
     def sleeper(name, seconds):

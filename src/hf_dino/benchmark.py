@@ -301,12 +301,17 @@ def step_flops(settings: BenchmarkSettings, device: str) -> float:
     return counter.get_total_flops() / settings.batch_size
 
 
-def measure_training(implementation: str, settings: BenchmarkSettings, reference_repo: str | None) -> dict:
-    """Run in a subprocess: training-step images/s and peak memory of one implementation."""
+def _start_step_measurement(settings: BenchmarkSettings) -> str:
+    """Seed and thread count of a step measurement's (fresh) process; returns its device."""
     torch.manual_seed(settings.seed)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def measure_training(implementation: str, settings: BenchmarkSettings, reference_repo: str | None) -> dict:
+    """Run in a subprocess: training-step images/s and peak memory of one implementation."""
+    device = _start_step_measurement(settings)
     baseline = _rss_mb()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -341,10 +346,7 @@ def measure_training_interleaved(settings: BenchmarkSettings, reference_repo: st
     """Run in a subprocess: both implementations' steps built in one process and timed
     alternately (`time_interleaved`). Returns the median images/s of each and the median of the
     per-round ratios (hf_dino / reference)."""
-    torch.manual_seed(settings.seed)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _start_step_measurement(settings)
     steps = {"hf_dino": build_hf_dino_step(settings, device),
              "reference": build_reference_step(settings, device, reference_repo)}
     seconds = time_interleaved(steps, settings.warmup_steps, settings.timed_steps, device)
@@ -536,6 +538,7 @@ def train_reference_on_recipe(recipe, reference_repo: str) -> dict:
                                          num_workers=0, collate_fn=collate_multicrop)  # in-process: workers
     # would inherit the reference's import paths (and its torchvision); crops do not depend on workers
     iterations = len(loader)
+    total_steps = recipe.epochs * iterations
     lr_schedule = utils.cosine_scheduler(recipe.lr * recipe.batch_size_per_device / 256.0, recipe.min_lr,
                                          recipe.epochs, iterations, warmup_epochs=recipe.warmup_epochs)
     wd_schedule = utils.cosine_scheduler(recipe.weight_decay, recipe.weight_decay_end, recipe.epochs, iterations)
@@ -581,13 +584,13 @@ def train_reference_on_recipe(recipe, reference_repo: str) -> dict:
     backbone = ViTModel(config, add_pooling_layer=False)
     load_strict(backbone, reference_to_transformers(reference_state, VIT_KEYS)[0], "reference teacher")
     save_backbone_folder(backbone, os.path.join(recipe.output_dir, "reference_teacher_backbone"), recipe,
-                         {"implementation": "facebookresearch/dino training loop", "global_step": step + 1})
+                         {"implementation": "facebookresearch/dino training loop", "global_step": total_steps})
     knn = knn_evaluate_splits(
         backbone, select_split(dataset_dict, recipe.train_split),
         select_split(dataset_dict, recipe.val_split, fallbacks=FALLBACK_VAL_SPLITS), crop_size=recipe.global_crop_size,
         ks=(recipe.knn_k,), temperature=recipe.knn_temperature, num_workers=0,
         max_train_samples=recipe.knn_max_train_samples)
-    return {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "steps": recipe.epochs * iterations,
+    return {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "steps": total_steps,
             "train_time_s": train_time}
 
 

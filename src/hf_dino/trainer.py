@@ -368,9 +368,9 @@ class DinoTrainer:
             if recipe.knn_eval_at_end:
                 results["knn"] = self.evaluate_knn(teacher, dataset_dict)
             self._save_final(teacher, results)
-        accelerator.wait_for_everyone()
         # The DDP wrapper's reducer holds the process group. Free it on every rank while all ranks are
-        # still alive: freed later, after a peer has exited, gloo's destructor can hang.
+        # still alive (the barrier below waits for all): freed after a peer has exited, gloo's
+        # destructor can hang.
         del student, optimizer
         accelerator.free_memory()
         gc.collect()
