@@ -12,15 +12,21 @@ import os
 
 from hf_dino.benchmark import BenchmarkSettings, compare_quality, run_benchmark
 from hf_dino.cli import emit_json
+from hf_dino.modeling_dino import ATTENTION_IMPLEMENTATIONS
+from hf_dino.recipe import MIXED_PRECISION
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = BenchmarkSettings()
+    choices = {"mixed_precision": MIXED_PRECISION, "reference_mixed_precision": MIXED_PRECISION,
+               "attn_implementation": ATTENTION_IMPLEMENTATIONS}
     for name, value in vars(defaults).items():
-        kind = int if name in ("num_hidden_layers", "threads") else type(value)
-        parser.add_argument(f"--{name}", type=kind, default=value,
-                            choices=("no", "bf16", "fp16") if name == "mixed_precision" else None)
+        if isinstance(value, bool):
+            parser.add_argument(f"--{name}", type=str.lower, default=str(value).lower(), choices=("true", "false"))
+            continue
+        kind = int if name in ("num_hidden_layers", "threads") else str if name == "reference_mixed_precision" else type(value)
+        parser.add_argument(f"--{name}", type=kind, default=value, choices=choices.get(name))
     parser.add_argument("--reference_repo", default=None, help="local checkout of facebookresearch/dino")
     parser.add_argument("--reference_pythonpath", default=None,
                         help="extra import path for the reference only (e.g. where its torchvision is installed)")
@@ -44,6 +50,7 @@ def main() -> None:
         raise SystemExit("--quality_config needs --reference_repo")
     if quality_only and not quality["quality_config"]:
         raise SystemExit("--quality_only needs --quality_config")
+    args.update({name: args[name] == "true" for name, value in vars(defaults).items() if isinstance(value, bool)})
     extra_path = args.pop("reference_pythonpath")
     if reference_repo and extra_path:
         reference_repo = os.pathsep.join([reference_repo, extra_path])

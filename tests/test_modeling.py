@@ -4,7 +4,7 @@ from transformers import AutoModel, ViTModel
 
 import hf_dino  # noqa: F401  (registers the Auto classes)
 from hf_dino.configuration_dino import DinoConfig, build_backbone_config
-from hf_dino.modeling_dino import DinoHead, DinoModel, DropPath
+from hf_dino.modeling_dino import DinoHead, DinoModel, DropPath, training_attention_implementation
 
 
 def tiny_config(**overrides) -> DinoConfig:
@@ -158,3 +158,30 @@ print("remote code OK")
 """
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert completed.returncode == 0 and "remote code OK" in completed.stdout, completed.stderr[-2000:]
+
+
+def test_auto_attention_is_eager_only_for_low_precision_on_a_cpu():
+    assert training_attention_implementation("auto", "cpu", "bf16") == "eager"
+    assert training_attention_implementation("auto", "cpu", "fp16") == "eager"
+    assert training_attention_implementation("auto", "cpu", "no") == "sdpa"
+    assert training_attention_implementation("auto", "cuda", "bf16") == "sdpa"
+    assert training_attention_implementation("sdpa", "cpu", "bf16") == "sdpa"  # an explicit choice wins
+    with pytest.raises(ValueError, match="attn_implementation 'flash' is unknown"):
+        training_attention_implementation("flash", "cpu", "no")
+
+
+def test_eager_and_sdpa_attention_compute_the_same_model():
+    """The kernel switch must not change the maths: same logits and same gradients."""
+    torch.manual_seed(0)
+    model = DinoModel(tiny_config())
+    crops = [torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16), torch.randn(3, 3, 8, 8)]
+    results = {}
+    for kernel in ("sdpa", "eager"):
+        model.set_attn_implementation(kernel)
+        assert model.backbone.config._attn_implementation == kernel
+        model.zero_grad()
+        logits = model(crops).logits
+        logits.square().sum().backward()
+        results[kernel] = (logits.detach(), model.backbone.layers[0].attention.q_proj.weight.grad.clone())
+    torch.testing.assert_close(results["eager"][0], results["sdpa"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["eager"][1], results["sdpa"][1], rtol=1e-4, atol=1e-6)

@@ -39,6 +39,7 @@ def test_unknown_yaml_field_is_named(tmp_path):
     (["--dataset_name", "/no/such/dir"], "does not exist"),
     (["--local_crops_scale", "0.5", "0.1"], "local_crops_scale"),
     (["--push_to_hub", "true"], "hub_model_id"),
+    (["--attn_implementation", "flash"], "attn_implementation must be one of auto, sdpa, eager"),
 ])
 def test_bad_configuration_fails_with_a_message(argv, message):
     with pytest.raises(ValueError, match=message):

@@ -1,4 +1,5 @@
 import json
+import math
 import shutil
 
 import pytest
@@ -358,3 +359,69 @@ def test_gradient_checkpointing_recomputes_blocks_and_changes_nothing(tmp_path):
     assert calls[True] == 2 * calls[False] > 0  # each block runs again during backward
     for name, value in teachers[False].items():
         torch.testing.assert_close(teachers[True][name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate's state is a process-wide singleton fixed by the first `Accelerator`: a test
+    with another mixed precision starts from, and leaves, a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_on_a_cpu_runs_under_autocast_with_eager_attention(tmp_path, fresh_accelerator_state):
+    trainer = DinoTrainer(tiny_recipe(tmp_path, mixed_precision="bf16", epochs=1))
+    matmul_dtypes = {"student": set(), "teacher": set()}
+    original = DinoModel.forward
+
+    def recording_forward(self, *args, **kwargs):
+        role = "student" if self.training and torch.is_grad_enabled() else "teacher"
+        fc1 = self.backbone.layers[0].mlp.fc1
+        if not hasattr(fc1, "_recorded"):
+            fc1._recorded = True
+            fc1.register_forward_hook(lambda module, inputs, output, _r=role: matmul_dtypes[_r].add(output.dtype))
+        return original(self, *args, **kwargs)
+
+    DinoModel.forward = recording_forward
+    try:
+        results = trainer.train()
+    finally:
+        DinoModel.forward = original
+    assert matmul_dtypes == {"student": {torch.bfloat16}, "teacher": {torch.bfloat16}}
+    assert trainer.student.config._attn_implementation == trainer.teacher.config._attn_implementation == "eager"
+    assert trainer.teacher.head.last_layer.parametrizations.weight.original1.dtype == torch.float32  # fp32 master weights
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert results["global_step"] == 4 and all(math.isfinite(line["loss"]) for line in lines)
+    # the kernel is a training choice, not part of the saved model
+    assert AutoModel.from_pretrained(tmp_path / "teacher_backbone").config._attn_implementation == "sdpa"
+
+
+FAULTS_OF_REALLOCATION = """
+import resource, sys, torch
+from hf_dino.trainer import keep_freed_cpu_memory
+applied = keep_freed_cpu_memory() if sys.argv[1] == "keep" else False
+for _ in range(3):  # warm: 64 MB tensors, above glibc's largest mmap threshold
+    torch.ones(16 * 2 ** 20).sum()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.ones(16 * 2 ** 20).sum()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_keep_freed_cpu_memory_stops_page_faulting_reallocated_tensors():
+    import subprocess
+    import sys
+
+    pages_per_tensor = 64 * 2 ** 20 // 4096
+    results = {}
+    for mode in ("default", "keep"):
+        output = subprocess.run([sys.executable, "-c", FAULTS_OF_REALLOCATION, mode], capture_output=True, text=True,
+                                check=True).stdout.split()
+        results[mode] = (output[0] == "True", int(output[1]))
+    assert results["default"][1] >= 4 * pages_per_tensor  # each new 64 MB tensor is a fresh mapping
+    assert results["keep"][0] and results["keep"][1] < pages_per_tensor  # the freed block is reused

@@ -35,12 +35,21 @@ class BenchmarkSettings:
     local_crop_size: int = 96
     out_dim: int = 65536
     mixed_precision: str = "no"  # no | bf16 | fp16
+    reference_mixed_precision: str | None = None  # the reference's precision; None: the same as hf_dino's
+    attn_implementation: str = "auto"  # hf_dino's ViT attention kernel (DinoRecipe.attn_implementation)
     warmup_steps: int = 2
     timed_steps: int = 5
     num_images: int = 64  # augmentation benchmark: JPEG-encoded images of ~256 px
     num_workers: int = 2
     threads: int | None = None  # torch threads per measurement; None = all cores
+    # CPU: glibc malloc keeps freed memory (trainer.keep_freed_cpu_memory) in every step
+    # measurement's process, the reference's too
+    keep_freed_cpu_memory: bool = True
     seed: int = 0
+
+    @property
+    def reference_precision(self) -> str:
+        return self.reference_mixed_precision or self.mixed_precision
 
 
 # ---------------------------------------------------------------- machine peak
@@ -91,10 +100,10 @@ def _crops(settings: BenchmarkSettings, device: str) -> list[torch.Tensor]:
     return [torch.randn(settings.batch_size, 3, s, s, generator=generator).to(device) for s in sizes]
 
 
-def _autocast(settings: BenchmarkSettings, device: str):
-    if settings.mixed_precision == "no":
+def _autocast(mixed_precision: str, device: str):
+    if mixed_precision == "no":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if settings.mixed_precision == "bf16" else torch.float16
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
     return torch.autocast(device_type=device, dtype=dtype)
 
 
@@ -113,11 +122,13 @@ def build_hf_dino_step(settings: BenchmarkSettings, device: str):
     """One hf_dino optimizer step (teacher + student forward, loss, backward, clip, AdamW, EMA,
     centre) as a closure over pre-made crops, plus the student for FLOP counting."""
     from .loss import DinoLoss
+    from .modeling_dino import training_attention_implementation
     from .optimization import build_optimizer, clip_gradients_per_parameter, ema_update
     from .trainer import build_student_and_teacher
 
     recipe = _step_recipe(settings)
-    student, teacher = build_student_and_teacher(recipe)
+    attention = training_attention_implementation(settings.attn_implementation, device, settings.mixed_precision)
+    student, teacher = build_student_and_teacher(recipe, attention)
     student.to(device).train()
     teacher.to(device).train()
     loss_fn = DinoLoss(recipe.out_dim, num_teacher_views=2, student_temperature=recipe.student_temp).to(device)
@@ -130,9 +141,9 @@ def build_hf_dino_step(settings: BenchmarkSettings, device: str):
     crops = _crops(settings, device)
 
     def step() -> torch.Tensor:
-        with torch.no_grad(), _autocast(settings, device):
+        with torch.no_grad(), _autocast(settings.mixed_precision, device):
             teacher_logits = teacher(crops[:2]).logits
-        with _autocast(settings, device):
+        with _autocast(settings.mixed_precision, device):
             student_logits = student(crops).logits
         loss = loss_fn(student_logits, teacher_logits, recipe.warmup_teacher_temp).loss  # fp32 inside
         if scaler is not None:
@@ -237,11 +248,11 @@ def build_reference_step(settings: BenchmarkSettings, device: str, reference_rep
     teacher.to(device).train()
     loss_fn = main_dino.DINOLoss(settings.out_dim, settings.local_crops_number + 2, 0.04, 0.04, 0, 100).to(device)
     optimizer = torch.optim.AdamW(utils.get_params_groups(student), lr=1e-5)
-    scaler = torch.amp.GradScaler(device) if settings.mixed_precision == "fp16" else None
+    scaler = torch.amp.GradScaler(device) if settings.reference_precision == "fp16" else None
     crops = _crops(settings, device)
 
     def step() -> torch.Tensor:
-        with _autocast(settings, device):
+        with _autocast(settings.reference_precision, device):
             teacher_output = teacher(crops[:2])
             student_output = student(crops)
             loss = loss_fn(student_output, teacher_output, 0)
@@ -306,7 +317,12 @@ def _start_step_measurement(settings: BenchmarkSettings) -> str:
     torch.manual_seed(settings.seed)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and settings.keep_freed_cpu_memory:
+        from .trainer import keep_freed_cpu_memory
+
+        keep_freed_cpu_memory()
+    return device
 
 
 def measure_training(implementation: str, settings: BenchmarkSettings, reference_repo: str | None) -> dict:
@@ -486,7 +502,7 @@ def run_benchmark(settings: BenchmarkSettings, reference_repo: str | None = None
     _add_mfu(result, flops_per_image, peaks, settings.mixed_precision)
     if reference_repo:
         reference = measured["reference"]
-        _add_mfu(reference, flops_per_image, peaks, settings.mixed_precision)  # same architecture and crops
+        _add_mfu(reference, flops_per_image, peaks, settings.reference_precision)  # same architecture and crops
         result["reference"] = reference
         result["ratio"] = {key: result[key] / reference[key] for key in reference
                            if isinstance(reference[key], (int, float)) and key in result and reference[key]}

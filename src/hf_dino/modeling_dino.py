@@ -16,6 +16,24 @@ from transformers.utils import ModelOutput
 
 from .configuration_dino import DinoConfig
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
+
+
+def training_attention_implementation(requested: str, device_type: str, mixed_precision: str) -> str:
+    """The ViT attention kernel to train with: `requested` unless it is "auto".
+
+    "auto" is transformers' SDPA, except on a CPU under bf16/fp16 autocast, where it is "eager"
+    (batched matmuls and a float32 softmax, as the reference computes attention): torch's CPU
+    flash-attention kernel runs in low precision 2x (197 tokens) to 8x (37 tokens) slower than
+    the matmuls, forward + backward, on a CPU with AMX (docs/BENCHMARKS.md). Both compute the
+    same attention.
+    """
+    if requested not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation {requested!r} is unknown; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if requested != "auto":
+        return requested
+    return "eager" if device_type == "cpu" and mixed_precision in ("bf16", "fp16") else "sdpa"
+
 
 class DropPath(nn.Module):
     """Stochastic depth: zero a residual branch for a random subset of samples during training.

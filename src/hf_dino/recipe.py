@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .configuration_dino import SUPPORTED_ARCHS, VIT_PRESETS
+from .modeling_dino import ATTENTION_IMPLEMENTATIONS
 
 OPTIMIZERS = ("adamw", "sgd")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -86,10 +87,16 @@ class DinoRecipe:
     max_train_samples: int | None = None
     num_workers: int = 4
     num_threads: int | None = None  # CPU only: torch threads per process; None = cores / local processes
+    # CPU only: glibc malloc keeps freed memory for the next step instead of page-faulting it in
+    # again every step (trainer.keep_freed_cpu_memory)
+    keep_freed_cpu_memory: bool = True
     # --- run ---
     seed: int = 0
     output_dir: str = "outputs/dino"
     mixed_precision: str = "no"
+    # ViT attention kernel while training: "auto" = SDPA, or eager matmuls on a CPU under bf16/fp16
+    # (faster there; see modeling_dino.training_attention_implementation)
+    attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
     logging_steps: int = 10
     checkpointing_steps: int | None = None
@@ -161,6 +168,8 @@ class DinoRecipe:
             problems.append(f"optimizer {self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
         if self.mixed_precision not in MIXED_PRECISION:
             problems.append(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+        if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            problems.append(f"attn_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
         for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "drop_path_rate"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} is negative; it must be >= 0")

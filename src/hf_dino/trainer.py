@@ -42,7 +42,7 @@ from .data import (
 )
 from .evaluation import knn_evaluate_splits
 from .loss import DinoLoss
-from .modeling_dino import DinoModel
+from .modeling_dino import DinoModel, training_attention_implementation
 from .optimization import build_optimizer, cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update
 from .recipe import DinoRecipe
 from .schedules import cosine_schedule, teacher_temperature_schedule
@@ -54,6 +54,28 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TEACHER_FILE = "teacher.safetensors"
 LOSS_STATE_FILE = "dino_loss.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    A training step frees and re-allocates the same large tensors every step (activations; at
+    K = 65,536 the head's K x 256 weight, its bf16 copy and its gradient, 16-64 MB each). glibc
+    serves blocks above its mmap threshold (32 MB at most) with fresh mappings and trims the free
+    top of its heap, so the next step page-faults all of them in again: ~150,000 page faults and
+    0.2-1 s of kernel time per ViT-S/16 step on a 2-core CPU (docs/BENCHMARKS.md). With mmap and
+    trimming off (`mallopt(M_MMAP_MAX, 0)`, `mallopt(M_TRIM_THRESHOLD, INT_MAX)`) the memory one
+    step frees serves the next; the process's footprint stays at its peak. Affects the whole
+    process from now on. Returns False (and changes nothing) where the C library is not glibc.
+    """
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,9 +121,11 @@ def build_dino_config(recipe: DinoRecipe, drop_path_rate: float) -> DinoConfig:
     )
 
 
-def build_student_and_teacher(recipe: DinoRecipe) -> tuple[DinoModel, DinoModel]:
+def build_student_and_teacher(recipe: DinoRecipe, attn_implementation: str | None = None) -> tuple[DinoModel, DinoModel]:
     """Student (with stochastic depth) and teacher (without), starting from identical weights:
-    random, or the backbone of `recipe.init_backbone` (the head always starts random)."""
+    random, or the backbone of `recipe.init_backbone` (the head always starts random).
+    `attn_implementation` ("sdpa", "eager"; None keeps transformers' default) sets a ViT's
+    attention kernel; it is not saved with the weights."""
     student_config = build_dino_config(recipe, recipe.drop_path_rate)
     student = DinoModel(student_config)
     if recipe.init_backbone:
@@ -118,6 +142,9 @@ def build_student_and_teacher(recipe: DinoRecipe) -> tuple[DinoModel, DinoModel]
     teacher = DinoModel(teacher_config)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
+    if attn_implementation and student.is_vit:
+        for model in (student, teacher):
+            model.set_attn_implementation(attn_implementation)
     return student, teacher
 
 
@@ -165,6 +192,8 @@ class DinoTrainer:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes)))
             torch.set_num_threads(recipe.num_threads or max(1, cores // local_processes))
+            if recipe.keep_freed_cpu_memory and keep_freed_cpu_memory():
+                logger.info("glibc malloc keeps freed memory for reuse (keep_freed_cpu_memory)")
         self.num_skipped_images = 0
         self.student: DinoModel | None = None  # set by train(): unwrapped student and teacher
         self.teacher: DinoModel | None = None
@@ -234,7 +263,9 @@ class DinoTrainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         dataset_dict, train_dataset, dataloader, batches_per_epoch = self._build_data()
 
-        student, teacher = build_student_and_teacher(recipe)
+        attention = training_attention_implementation(recipe.attn_implementation, accelerator.device.type,
+                                                      recipe.mixed_precision)
+        student, teacher = build_student_and_teacher(recipe, attention)
         if recipe.gradient_checkpointing:  # activations of each block are recomputed in the backward pass
             getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
         teacher.to(accelerator.device)
