@@ -425,3 +425,20 @@ def test_keep_freed_cpu_memory_stops_page_faulting_reallocated_tensors():
         results[mode] = (output[0] == "True", int(output[1]))
     assert results["default"][1] >= 4 * pages_per_tensor  # each new 64 MB tensor is a fresh mapping
     assert results["keep"][0] and results["keep"][1] < pages_per_tensor  # the freed block is reused
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_the_same_model(tmp_path):
+    from torch._dynamo.utils import counters
+
+    losses, teachers = {}, {}
+    for compiled in (False, True):
+        counters.clear()
+        trainer = DinoTrainer(tiny_recipe(tmp_path / str(compiled), torch_compile=compiled, epochs=1, drop_path_rate=0.0))
+        trainer.train()
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled
+        losses[compiled] = [json.loads(line)["loss"] for line in (tmp_path / str(compiled) / "metrics.jsonl").open()]
+        teachers[compiled] = trainer.teacher.state_dict()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    for name, value in teachers[False].items():
+        torch.testing.assert_close(teachers[True][name], value, rtol=1e-4, atol=1e-5)

@@ -10,6 +10,7 @@ peak memory is the subprocess's peak RSS minus its RSS just before the models we
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 import multiprocessing
@@ -37,6 +38,7 @@ class BenchmarkSettings:
     mixed_precision: str = "no"  # no | bf16 | fp16
     reference_mixed_precision: str | None = None  # the reference's precision; None: the same as hf_dino's
     attn_implementation: str = "auto"  # hf_dino's ViT attention kernel (DinoRecipe.attn_implementation)
+    torch_compile: bool = False  # hf_dino's forwards compiled (DinoRecipe.torch_compile)
     warmup_steps: int = 2
     timed_steps: int = 5
     num_images: int = 64  # augmentation benchmark: JPEG-encoded images of ~256 px
@@ -139,12 +141,14 @@ def build_hf_dino_step(settings: BenchmarkSettings, device: str):
     student_parameters, teacher_parameters = list(student.parameters()), list(teacher.parameters())
     trainable = [p for p in student_parameters if p.requires_grad]
     crops = _crops(settings, device)
+    student_forward, teacher_forward = ((torch.compile(student), torch.compile(teacher)) if settings.torch_compile
+                                        else (student, teacher))
 
     def step() -> torch.Tensor:
         with torch.no_grad(), _autocast(settings.mixed_precision, device):
-            teacher_logits = teacher(crops[:2]).logits
+            teacher_logits = teacher_forward(crops[:2]).logits
         with _autocast(settings.mixed_precision, device):
-            student_logits = student(crops).logits
+            student_logits = student_forward(crops).logits
         loss = loss_fn(student_logits, teacher_logits, recipe.warmup_teacher_temp).loss  # fp32 inside
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -279,15 +283,18 @@ def build_reference_step(settings: BenchmarkSettings, device: str, reference_rep
 
 
 # ---------------------------------------------------------------- measurements
-def _time_steps(step, settings: BenchmarkSettings, device: str) -> float:
+def _time_steps(step, settings: BenchmarkSettings, device: str) -> tuple[float, float]:
+    """(images/s of the timed steps, seconds of the warm-up steps: compilation included)."""
+    start = time.perf_counter()
     for _ in range(settings.warmup_steps):
         step()
     _synchronize(device)
+    warmup_seconds = time.perf_counter() - start
     start = time.perf_counter()
     losses = [step() for _ in range(settings.timed_steps)]
     torch.stack(losses).sum().item()
     _synchronize(device)
-    return settings.batch_size * settings.timed_steps / (time.perf_counter() - start)
+    return settings.batch_size * settings.timed_steps / (time.perf_counter() - start), warmup_seconds
 
 
 def step_flops(settings: BenchmarkSettings, device: str) -> float:
@@ -305,7 +312,7 @@ def step_flops(settings: BenchmarkSettings, device: str) -> float:
             lambda grad_out, query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(
                 grad_out, query, key, value)),
     }
-    step = build_hf_dino_step(settings, device)
+    step = build_hf_dino_step(dataclasses.replace(settings, torch_compile=False), device)  # same FLOPs, countable
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention)
     with counter:
         step()
@@ -333,9 +340,9 @@ def measure_training(implementation: str, settings: BenchmarkSettings, reference
         torch.cuda.reset_peak_memory_stats()
     step = (build_hf_dino_step(settings, device) if implementation == "hf_dino"
             else build_reference_step(settings, device, reference_repo))
-    img_per_s = _time_steps(step, settings, device)
+    img_per_s, warmup_seconds = _time_steps(step, settings, device)
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else _peak_rss_mb() - baseline)
-    return {"train_img_per_s": img_per_s, "peak_memory_mb": peak}
+    return {"train_img_per_s": img_per_s, "peak_memory_mb": peak, "warmup_steps_s": warmup_seconds}
 
 
 def time_interleaved(steps: dict, warmup_steps: int, timed_steps: int, device: str = "cpu") -> dict:
@@ -490,7 +497,7 @@ def run_benchmark(settings: BenchmarkSettings, reference_repo: str | None = None
             for function in (measure_training, measure_augmentation):
                 values = _run_isolated(function, name, settings, reference_repo)
                 for key, value in values.items():
-                    best = min if key == "peak_memory_mb" else max
+                    best = min if key in ("peak_memory_mb", "warmup_steps_s") else max
                     measured[name][key] = best(value, measured[name].get(key, value))
     flops_per_image = _run_isolated(step_flops, settings, device)
     peaks = {"fp32": matmul_peak_flops(torch.float32, device)}

@@ -97,6 +97,9 @@ class DinoRecipe:
     # ViT attention kernel while training: "auto" = SDPA, or eager matmuls on a CPU under bf16/fp16
     # (faster there; see modeling_dino.training_attention_implementation)
     attn_implementation: str = "auto"
+    # torch.compile the student's and the teacher's forward (inductor): fuses the elementwise ops
+    # and casts around the matmuls; costs minutes of compilation at the start of a run
+    torch_compile: bool = False
     gradient_checkpointing: bool = False
     logging_steps: int = 10
     checkpointing_steps: int | None = None

@@ -277,6 +277,9 @@ class DinoTrainer:
         teacher = self._prepare_teacher(teacher)
         unwrapped_student = accelerator.unwrap_model(student)
         self.student, self.teacher = unwrapped_student, teacher
+        # compiled forwards for the step; everything else (EMA, clipping, saving) uses the modules
+        student_forward, teacher_forward = ((torch.compile(student), torch.compile(teacher)) if recipe.torch_compile
+                                            else (student, teacher))
         student_parameters = list(unwrapped_student.parameters())
         teacher_parameters = list(teacher.parameters())
         trainable_parameters = [p for p in student_parameters if p.requires_grad]
@@ -333,8 +336,8 @@ class DinoTrainer:
                 self._last_layer_frozen = epoch < recipe.freeze_last_layer
                 with accelerator.accumulate(student):
                     with torch.no_grad(), accelerator.autocast():
-                        teacher_logits = teacher(crops[:2]).logits
-                    student_logits = student(crops).logits
+                        teacher_logits = teacher_forward(crops[:2]).logits
+                    student_logits = student_forward(crops).logits
                     output = dino_loss(student_logits, teacher_logits, schedule.teacher_temp)
                     accelerator.backward(output.loss)
                     dino_loss.accumulate_center(teacher_logits)
