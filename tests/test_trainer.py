@@ -442,3 +442,11 @@ def test_torch_compile_trains_the_same_model(tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
     for name, value in teachers[False].items():
         torch.testing.assert_close(teachers[True][name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_on_a_cpu_without_bf16_hardware_warns(tmp_path, fresh_accelerator_state, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with caplog.at_level("WARNING", logger="hf_dino.trainer"):
+        DinoTrainer(tiny_recipe(tmp_path, mixed_precision="bf16"))
+    assert "without bf16 matmul hardware" in caplog.text and "--mixed_precision no" in caplog.text

@@ -78,6 +78,13 @@ def keep_freed_cpu_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
+def cpu_has_bf16_matmuls() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without either, oneDNN
+    emulates bf16: on the AVX2-only AMD EPYC this project was built on, a bf16 matmul ran ~500x
+    slower than fp32 (docs/BENCHMARKS.md)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops and the last checkpoint stays intact."""
 
@@ -192,6 +199,9 @@ class DinoTrainer:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes)))
             torch.set_num_threads(recipe.num_threads or max(1, cores // local_processes))
+            if recipe.mixed_precision == "bf16" and not cpu_has_bf16_matmuls():
+                logger.warning("mixed_precision bf16 on a CPU without bf16 matmul hardware (AVX512-BF16 or AMX): "
+                               "bf16 is emulated here and can be far slower than fp32; use --mixed_precision no")
             if recipe.keep_freed_cpu_memory and keep_freed_cpu_memory():
                 logger.info("glibc malloc keeps freed memory for reuse (keep_freed_cpu_memory)")
         self.num_skipped_images = 0
