@@ -24,9 +24,9 @@ def training_attention_implementation(requested: str, device_type: str, mixed_pr
 
     "auto" is transformers' SDPA, except on a CPU under bf16/fp16 autocast, where it is "eager"
     (batched matmuls and a float32 softmax, as the reference computes attention): torch's CPU
-    flash-attention kernel runs in low precision 2x (197 tokens) to 8x (37 tokens) slower than
-    the matmuls, forward + backward, on a CPU with AMX (docs/BENCHMARKS.md). Both compute the
-    same attention.
+    flash-attention kernel runs in bf16 2x (197 tokens) to 8x (37 tokens) slower than the
+    matmuls, forward + backward, on a CPU with AMX, and 2x to 6x in fp16 (docs/BENCHMARKS.md).
+    Both compute the same attention.
     """
     if requested not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation {requested!r} is unknown; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
