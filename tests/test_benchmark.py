@@ -59,6 +59,11 @@ def test_mfu_uses_the_peak_of_the_precision_run():
     assert values["mfu"] == 0.25
 
 
+def test_reference_precision_defaults_to_hf_dinos():
+    assert BenchmarkSettings(mixed_precision="bf16").reference_precision == "bf16"
+    assert BenchmarkSettings(mixed_precision="bf16", reference_mixed_precision="no").reference_precision == "no"
+
+
 def test_matmul_peak_is_measured():
     assert matmul_peak_flops(torch.float32, size=256, repeats=2) > 1e8
 
@@ -66,9 +71,11 @@ def test_matmul_peak_is_measured():
 @pytest.mark.parametrize("arguments, message", [
     (["--quality_only"], "--quality_only needs --quality_config"),
     (["--quality_config", "configs/demo_cifar10_cpu.yaml"], "--quality_config needs --reference_repo"),
+    (["--keep_freed_cpu_memory", "maybe"], "invalid choice: 'maybe'"),
 ])
-def test_benchmark_script_rejects_incomplete_quality_options(arguments, message):
-    """A quality comparison without its inputs fails at once, before any measurement runs."""
+def test_benchmark_script_rejects_bad_options(arguments, message):
+    """A bad flag value, or a quality comparison without its inputs, fails at once, before any
+    measurement runs."""
     completed = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), *arguments],
                                capture_output=True, text=True, cwd=REPO, timeout=120)
     assert completed.returncode != 0
