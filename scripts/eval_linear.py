@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from hf_dino.cli import add_data_arguments, add_evaluation_size_arguments, emit_json, load_evaluation_splits
 from hf_dino.data import LabelledImageDataset, collate_labelled
 from hf_dino.evaluation import load_frozen_backbone
-from hf_dino.linear_probe import LinearProbeConfig, train_linear_probe
+from hf_dino.evaluation.linear import LinearProbeConfig, train_linear_probe
 from hf_dino.transforms import evaluation_transform, linear_probe_train_transform
 
 

@@ -3,7 +3,7 @@ import torch
 from transformers import ViTConfig, ViTModel
 
 from hf_dino.configuration_dino import build_backbone_config
-from hf_dino.linear_probe import LinearProbeConfig, default_probe_layout, probe_features, train_linear_probe
+from hf_dino.evaluation.linear import LinearProbeConfig, default_probe_layout, probe_features, train_linear_probe
 
 
 def tiny_vit(hidden_size=32, layers=3):

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .evaluation import extract_features, topk_accuracy
-from .schedules import cosine_schedule
+from .features import extract_features
+from .metrics import topk_accuracy
+from ..schedules import cosine_schedule
 
 
 def _vit_of(model: nn.Module) -> nn.Module | None:
