@@ -31,9 +31,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 _EXTENSION_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
-def load_dataset_dict(dataset_name: str | os.PathLike | None, streaming: bool = False
-                      ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
-    """Load every split of `dataset_name` (None: the embedded CIFAR-10 demo sample)."""
+def load_dataset_dict(dataset_name: str | os.PathLike | None, streaming: bool = False,
+                      config_name: str | None = None) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """Load every split of `dataset_name` (None: the embedded CIFAR-10 demo sample); `config_name`
+    is a Hub dataset's configuration (`--dataset_config_name`)."""
     if dataset_name is None:
         dataset_name = DEMO_DATASET_DIR
     dataset_name = os.path.expanduser(str(dataset_name))
@@ -47,7 +48,7 @@ def load_dataset_dict(dataset_name: str | os.PathLike | None, streaming: bool = 
         raise FileNotFoundError(
             f"--dataset_name {dataset_name!r} does not exist. Give a Hub dataset id, a local directory "
             "(image folder or parquet files named by split) or a file glob.")
-    return datasets.load_dataset(dataset_name, streaming=streaming)
+    return datasets.load_dataset(dataset_name, config_name, streaming=streaming)
 
 
 def looks_like_local_path(name: str) -> bool:
