@@ -185,3 +185,74 @@ def test_eager_and_sdpa_attention_compute_the_same_model():
         results[kernel] = (logits.detach(), model.backbone.layers[0].attention.q_proj.weight.grad.clone())
     torch.testing.assert_close(results["eager"][0], results["sdpa"][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results["eager"][1], results["sdpa"][1], rtol=1e-4, atol=1e-6)
+
+
+def _strip_keys(folder, drop) -> None:
+    """Rewrite `folder/model.safetensors` without the keys for which `drop(key)` is true."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if not drop(k)}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def assert_reference_head_init(head: DinoHead, bottleneck_dim: int) -> None:
+    """The reference's DINOHead init, from its formulas: MLP weights trunc_normal(std 0.02) (cut at
+    +-2, i.e. a plain N(0, 0.02^2)), biases 0; the last layer nn.Linear's default init of the
+    direction v, U(-1/sqrt(bottleneck), 1/sqrt(bottleneck)), and gain g = 1."""
+    for linear in (m for m in head.mlp if isinstance(m, torch.nn.Linear)):
+        weight = linear.weight.detach()
+        assert weight.std().item() == pytest.approx(0.02, rel=0.03)
+        assert abs(weight.mean().item()) < 1e-3
+        # normal, not uniform: ~4.6% of N(0, s^2) lies beyond 2s (a uniform of that std has none)
+        assert (weight.abs() > 0.04).float().mean().item() == pytest.approx(0.0455, abs=0.006)
+        assert torch.equal(linear.bias.detach(), torch.zeros_like(linear.bias))
+    direction = head.last_layer.parametrizations.weight.original1.detach()
+    bound = bottleneck_dim ** -0.5
+    assert direction.abs().max().item() <= bound
+    assert direction.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.03)  # U(-b, b) has std b/sqrt(3)
+    assert (direction.abs() < bound / 2).float().mean().item() == pytest.approx(0.5, abs=0.02)  # uniform
+    assert torch.equal(head.last_layer_gain.detach(), torch.ones_like(head.last_layer_gain))
+
+
+def statistics_config(**overrides) -> DinoConfig:
+    """Head big enough for statistics: 512 x 192, 512 x 512, 256 x 512 and 4096 x 256."""
+    return tiny_config(out_dim=4096, head_hidden_dim=512, head_bottleneck_dim=256, **overrides)
+
+
+def test_a_fresh_head_is_initialised_as_the_reference():
+    torch.manual_seed(0)
+    assert_reference_head_init(DinoModel(statistics_config()).head, 256)
+
+
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_weights_missing_from_a_checkpoint_are_initialised_as_the_reference(tmp_path, norm_last_layer):
+    """transformers 5 loads on the meta device: weights absent from the file (a dino/ folder
+    without its head, a backbone-only file, a lost layer) must get the paper's init, not
+    whatever memory `torch.empty` returns."""
+    torch.manual_seed(0)
+    model = DinoModel(statistics_config(norm_last_layer=norm_last_layer))
+    model.save_pretrained(tmp_path)
+    lost = ("backbone.layers.0.mlp.fc1.weight", "backbone.layers.0.mlp.fc1.bias", "backbone.layernorm.weight",
+            "backbone.layernorm.bias")
+    _strip_keys(tmp_path, lambda key: key.startswith("head.") or key in lost)  # backbone-only, minus a few
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert_reference_head_init(loaded.head, 256)
+    assert loaded.head.last_layer_gain.requires_grad is (not norm_last_layer)
+    fc1 = loaded.backbone.layers[0].mlp.fc1  # ViT's own init: N(0, 0.02^2), bias 0
+    assert fc1.weight.std().item() == pytest.approx(0.02, rel=0.03) and not fc1.bias.any()
+    norm = loaded.backbone.layernorm
+    assert torch.equal(norm.weight.detach(), torch.ones(192)) and not norm.bias.any()
+    saved = model.state_dict()
+    for name, value in loaded.state_dict().items():  # what the file had is loaded, not re-initialised
+        if name.startswith("backbone.") and name not in lost:
+            torch.testing.assert_close(value, saved[name], rtol=0, atol=0)
+
+
+def test_a_complete_checkpoint_loads_unchanged_with_the_gain_frozen(tmp_path):
+    torch.manual_seed(0)
+    model = DinoModel(tiny_config())
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0)
+    assert not loaded.head.last_layer_gain.requires_grad

@@ -6,11 +6,14 @@ K = `config.out_dim`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from transformers import initialization as init
 from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -73,6 +76,39 @@ def add_stochastic_depth(vit_model: nn.Module, drop_path_rate: float) -> None:
         layer.dropout = DropPath(rate, dropout_prob=layer.dropout.p)
 
 
+def init_weight_norm_(weight_norm: parametrize.ParametrizationList) -> None:
+    """The reference's `weight_norm(nn.Linear(bottleneck, K, bias=False))` then `weight_g = 1`:
+    the direction v (K, bottleneck) keeps `nn.Linear`'s default init, U(-1/sqrt(bottleneck),
+    1/sqrt(bottleneck)) (Kaiming-uniform with a = sqrt(5)), and the gain g (K, 1) is 1, so every
+    prototype starts as a unit vector. `weight_norm` is `last_layer.parametrizations.weight`, which
+    holds g (`original0`) and v (`original1`). Tensors already loaded from a checkpoint are left alone."""
+    init.kaiming_uniform_(weight_norm.original1, a=math.sqrt(5))
+    init.ones_(weight_norm.original0)
+
+
+def dino_module_init_(module: nn.Module, initializer_range: float = 0.02) -> None:
+    """The reference's `_init_weights` for one module: `nn.Linear` weights truncated normal
+    (std `initializer_range`, cut at +-2), biases 0; LayerNorm / BatchNorm weight 1, bias 0
+    (batch-norm statistics reset). The weight-normalised last layer is `init_weight_norm_`'s.
+
+    Uses `transformers.initialization`, whose functions skip tensors that `from_pretrained` has
+    already filled: so the same function initialises a fresh model and only the weights a
+    checkpoint lacks.
+    """
+    if isinstance(module, nn.Linear) and not parametrize.is_parametrized(module):
+        init.trunc_normal_(module.weight, std=initializer_range)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):
+        if module.weight is not None:
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        if getattr(module, "running_mean", None) is not None:
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+
+
 class DinoHead(nn.Module):
     """Projection head: MLP -> L2-normalise -> weight-normalised linear layer of K prototypes.
 
@@ -115,17 +151,11 @@ class DinoHead(nn.Module):
         return self.last_layer.parametrizations.weight.original0
 
     def reset_parameters(self, initializer_range: float) -> None:
-        """Reference init: truncated-normal weights, zero biases, last-layer gain 1 (frozen if normed)."""
+        """The reference's initialisation (`dino_module_init_`): truncated-normal MLP weights, zero
+        biases, and a `nn.Linear`-initialised last layer whose gain is then set to 1 (frozen if normed)."""
         for module in self.mlp:
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=initializer_range)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm1d):
-                module.reset_parameters()
-        direction = self.last_layer.parametrizations.weight.original1
-        nn.init.trunc_normal_(direction, std=initializer_range)
-        with torch.no_grad():
-            self.last_layer_gain.fill_(1.0)
+            dino_module_init_(module, initializer_range)
+        init_weight_norm_(self.last_layer.parametrizations.weight)
         self.last_layer_gain.requires_grad_(not self.norm_last_layer)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -157,11 +187,19 @@ class DinoPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # The backbone initialises itself (its own `post_init`) and `DinoHead` in its
-        # constructor: transformers skips `_init_weights` on custom modules without direct
-        # parameters, so the head cannot rely on this hook.
-        return
+        """Initialise the head's modules as the reference does (`dino_module_init_`).
 
+        transformers 5 builds a model on the meta device in `from_pretrained` and then calls this
+        hook on every module that holds a weight missing from the checkpoint (e.g. a folder
+        without head weights). The backbone, a `PreTrainedModel` of its own, is initialised by
+        its own `_init_weights` (ViT: normal(0, 0.02) linear weights, zero biases, LayerNorm 1/0).
+        The hook only reaches modules holding parameters directly (hf_dino counts as custom code),
+        so the last layer's weight norm is initialised through its `ParametrizationList`.
+        """
+        if isinstance(module, parametrize.ParametrizationList):  # the head's last layer: (g, v)
+            init_weight_norm_(module)
+        else:
+            dino_module_init_(module, self.config.initializer_range)
 
 class DinoModel(DinoPreTrainedModel):
     """Backbone + DINO head. `forward` takes one tensor or a list of crops of any resolutions.
@@ -195,6 +233,15 @@ class DinoModel(DinoPreTrainedModel):
         if config.backbone_config.model_type == "vit":
             return {"add_pooling_layer": False}
         return {}
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then the head's gain frozen again when
+        `norm_last_layer` (loading replaces parameters, and with them `requires_grad`)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        model.head.last_layer_gain.requires_grad_(not model.config.norm_last_layer)
+        return loaded
 
     @property
     def is_vit(self) -> bool:
