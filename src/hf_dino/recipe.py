@@ -7,8 +7,8 @@ from (lowest to highest precedence) these defaults, a YAML file and command-line
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,100 +21,130 @@ from .modeling_dino import ATTENTION_IMPLEMENTATIONS
 
 OPTIMIZERS = ("adamw", "sgd")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+# Accelerate's trackers (`log_with`), plus "all"
+TRACKERS = ("all", "tensorboard", "wandb", "trackio", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab")
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
 
 
 @dataclass
 class DinoRecipe:
+    """Every hyper-parameter of a DINO pretraining run (`accelerate launch scripts/pretrain.py --help`)."""
+
     # --- model (Sec. 3.1, Appendix A) ---
-    arch: str = "vit_small"
-    patch_size: int = 16
-    num_hidden_layers: int | None = None  # None: the preset depth (12); fewer for CPU demos
-    out_dim: int = 65536
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_num_layers: int = 3
-    norm_last_layer: bool = True
-    use_bn_in_head: bool = False
-    drop_path_rate: float = 0.1
-    # start student and teacher backbones from a pretrained ViTModel / ResNetModel (folder or Hub
-    # id, e.g. facebook/dino-vits16) to continue pretraining on another domain
-    init_backbone: str | None = None
+    arch: str = field(default="vit_small", metadata=_help(
+        "backbone architecture", choices=list(SUPPORTED_ARCHS)))
+    patch_size: int = field(default=16, metadata=_help("ViT patch size in pixels (8 or 16 in the paper)"))
+    num_hidden_layers: int | None = field(default=None, metadata=_help(
+        "ViT depth; unset: the preset's depth (12); fewer blocks for CPU demos"))
+    out_dim: int = field(default=65536, metadata=_help("K, the number of DINO head outputs (prototypes)"))
+    head_hidden_dim: int = field(default=2048, metadata=_help("hidden width of the head's 3-layer MLP"))
+    head_bottleneck_dim: int = field(default=256, metadata=_help("L2-normalised bottleneck before the last layer"))
+    head_num_layers: int = field(default=3, metadata=_help("MLP layers of the head before the bottleneck"))
+    norm_last_layer: bool = field(default=True, metadata=_help(
+        "fix the weight norm of the head's last layer to 1 (false: more stable for ViT-S, as the reference notes)"))
+    use_bn_in_head: bool = field(default=False, metadata=_help("BatchNorm in the head's MLP (the ResNet recipe)"))
+    drop_path_rate: float = field(default=0.1, metadata=_help("stochastic depth rate of the student"))
+    init_backbone: str | None = field(default=None, metadata=_help(
+        "start student and teacher backbones from a pretrained ViTModel / ResNetModel (folder or Hub id, "
+        "e.g. facebook/dino-vits16) to continue pretraining on another domain"))
     # --- teacher and loss ---
-    momentum_teacher: float = 0.996
-    momentum_teacher_end: float = 1.0  # cosine schedule momentum_teacher -> momentum_teacher_end
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.07
-    warmup_teacher_temp_epochs: int = 30
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
+    momentum_teacher: float = field(default=0.996, metadata=_help(
+        "EMA momentum of the teacher at the start; cosine schedule to momentum_teacher_end"))
+    momentum_teacher_end: float = field(default=1.0, metadata=_help("EMA momentum of the teacher at the end"))
+    warmup_teacher_temp: float = field(default=0.04, metadata=_help("teacher temperature at the start of warm-up"))
+    teacher_temp: float = field(default=0.07, metadata=_help("teacher temperature after warm-up"))
+    warmup_teacher_temp_epochs: int = field(default=30, metadata=_help("epochs of linear teacher-temperature warm-up"))
+    student_temp: float = field(default=0.1, metadata=_help("student temperature"))
+    center_momentum: float = field(default=0.9, metadata=_help("EMA momentum of the centre of teacher outputs"))
     # --- optimisation ---
-    optimizer: str = "adamw"
-    lr: float = 0.0005  # at a global batch of 256; scaled linearly with the batch
-    min_lr: float = 1e-6
-    warmup_epochs: int = 10
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    sgd_momentum: float = 0.9
-    clip_grad: float = 3.0  # per-parameter gradient-norm clipping, as the reference; 0 disables
-    freeze_last_layer: int = 1
-    batch_size_per_device: int = 64
-    gradient_accumulation_steps: int = 1
-    epochs: int = 100
-    max_steps: int | None = None  # optimizer steps; overrides `epochs` when set
+    optimizer: str = field(default="adamw", metadata=_help("optimizer", choices=list(OPTIMIZERS)))
+    lr: float = field(default=0.0005, metadata=_help(
+        "peak learning rate at a global batch of 256, scaled linearly with the global batch",
+        aliases=["--learning_rate"]))
+    min_lr: float = field(default=1e-6, metadata=_help("learning rate at the end of the cosine schedule"))
+    warmup_epochs: int = field(default=10, metadata=_help("epochs of linear learning-rate warm-up"))
+    weight_decay: float = field(default=0.04, metadata=_help("weight decay at the start (cosine schedule)"))
+    weight_decay_end: float = field(default=0.4, metadata=_help("weight decay at the end"))
+    sgd_momentum: float = field(default=0.9, metadata=_help("momentum of --optimizer sgd"))
+    clip_grad: float = field(default=3.0, metadata=_help(
+        "per-parameter gradient-norm clipping as the reference; 0 disables"))
+    freeze_last_layer: int = field(default=1, metadata=_help("epochs during which the head's last layer is frozen"))
+    batch_size_per_device: int = field(default=64, metadata=_help(
+        "images per device per step", aliases=["--per_device_train_batch_size"]))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
+    epochs: int = field(default=100, metadata=_help("training epochs", aliases=["--num_train_epochs"]))
+    max_steps: int | None = field(default=None, metadata=_help("optimizer steps; overrides --epochs when set"))
     # --- multi-crop augmentation ---
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_number: int = 8
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    global_crop_size: int = 224
-    local_crop_size: int = 96
-    # Gaussian blur probability of (first global, second global, local) crops and its sigma range
-    # in pixels of the crop; solarisation probability of the second global crop (BYOL's values).
-    blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_prob: float = 0.2
-    # colour jitter (brightness, contrast, saturation, hue) applied with `color_jitter_prob`, then
-    # grayscale with `grayscale_prob` (BYOL's 0.4/0.4/0.2/0.1, 0.8 and 0.2)
-    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-    color_jitter_prob: float = 0.8
-    grayscale_prob: float = 0.2
+    global_crops_scale: tuple[float, float] = field(default=(0.4, 1.0), metadata=_help(
+        "area range (fraction of the image) of the 2 global crops"))
+    local_crops_number: int = field(default=8, metadata=_help("number of local crops (student only)"))
+    local_crops_scale: tuple[float, float] = field(default=(0.05, 0.4), metadata=_help(
+        "area range of the local crops"))
+    global_crop_size: int = field(default=224, metadata=_help("side of the global crops in pixels"))
+    local_crop_size: int = field(default=96, metadata=_help("side of the local crops in pixels"))
+    blur_probs: tuple[float, float, float] = field(default=(1.0, 0.1, 0.5), metadata=_help(
+        "Gaussian blur probability of the first global, second global and local crops (BYOL's)"))
+    blur_sigma: tuple[float, float] = field(default=(0.1, 2.0), metadata=_help(
+        "blur sigma range in pixels of the crop"))
+    solarize_prob: float = field(default=0.2, metadata=_help("solarisation probability of the second global crop"))
+    color_jitter: tuple[float, float, float, float] = field(default=(0.4, 0.4, 0.2, 0.1), metadata=_help(
+        "colour jitter strengths: brightness, contrast, saturation, hue (BYOL's)"))
+    color_jitter_prob: float = field(default=0.8, metadata=_help("probability of the colour jitter"))
+    grayscale_prob: float = field(default=0.2, metadata=_help("probability of grayscale conversion"))
     # --- data ---
-    dataset_name: str | None = None  # None: the embedded CIFAR-10 demo sample
-    train_split: str = "train"
-    val_split: str = "validation"
-    image_column: str = "image"
-    label_column: str = "label"
-    streaming: bool = False
-    max_train_samples: int | None = None
-    num_workers: int = 4
-    num_threads: int | None = None  # CPU only: torch threads per process; None = cores / local processes
-    # CPU only: glibc malloc keeps freed memory for the next step instead of page-faulting it in
-    # again every step (trainer.keep_freed_cpu_memory)
-    keep_freed_cpu_memory: bool = True
+    dataset_name: str | None = field(default=None, metadata=_help(
+        "Hub dataset id, local folder (image folder, or parquet/arrow files named by split) or file glob; "
+        "unset: the embedded CIFAR-10 demo sample"))
+    dataset_config_name: str | None = field(default=None, metadata=_help("configuration of a Hub dataset"))
+    train_split: str = field(default="train", metadata=_help("split to pretrain on"))
+    val_split: str = field(default="validation", metadata=_help(
+        "held-out split of the k-NN evaluation; falls back to test when absent"))
+    image_column: str = field(default="image", metadata=_help("column holding the images"))
+    label_column: str = field(default="label", metadata=_help("column holding the labels (k-NN only)"))
+    streaming: bool = field(default=False, metadata=_help("stream the dataset instead of downloading it whole"))
+    max_train_samples: int | None = field(default=None, metadata=_help(
+        "first N training images only (with --streaming: the stream's length, needed for the schedules)"))
+    shuffle_buffer_size: int = field(default=10_000, metadata=_help(
+        "with --streaming: examples in the shuffle buffer of each process's stream (1: stream order)"))
+    num_workers: int = field(default=4, metadata=_help("DataLoader worker processes per device"))
+    num_threads: int | None = field(default=None, metadata=_help(
+        "CPU only: torch threads per process; unset: cores / local processes"))
+    keep_freed_cpu_memory: bool = field(default=True, metadata=_help(
+        "CPU only: glibc malloc keeps freed memory for the next step instead of page-faulting it in again"))
     # --- run ---
-    seed: int = 0
-    output_dir: str = "outputs/dino"
-    mixed_precision: str = "no"
-    # ViT attention kernel while training: "auto" = SDPA, or eager matmuls on a CPU under bf16/fp16
-    # (faster there; see modeling_dino.training_attention_implementation)
-    attn_implementation: str = "auto"
-    # torch.compile the student's and the teacher's forward (inductor): fuses the elementwise ops
-    # and casts around the matmuls; costs minutes of compilation at the start of a run
-    torch_compile: bool = False
-    gradient_checkpointing: bool = False
-    logging_steps: int = 10
-    checkpointing_steps: int | None = None
-    save_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    report_to: str | None = None
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_private_repo: bool = False
-    # --- k-NN of the teacher on the held-out split: every `eval_every` steps and at the end ---
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    knn_eval_at_end: bool = True
-    knn_max_train_samples: int | None = None
-    eval_every: int | None = None  # optimizer steps between online k-NN evaluations; None: only at the end
+    seed: int = field(default=0, metadata=_help("seed of initialisation and augmentations"))
+    output_dir: str = field(default="outputs/dino", metadata=_help("where the run writes its outputs"))
+    mixed_precision: str | None = field(default=None, metadata=_help(
+        "no, bf16 or fp16; unset: as `accelerate launch` / `accelerate config` says", choices=list(MIXED_PRECISION)))
+    attn_implementation: str = field(default="auto", metadata=_help(
+        "ViT attention kernel while training: auto = SDPA, or eager matmuls on a CPU under bf16/fp16 (faster there)",
+        choices=list(ATTENTION_IMPLEMENTATIONS)))
+    torch_compile: bool = field(default=False, metadata=_help(
+        "torch.compile the student's and teacher's forwards (minutes of compilation at the start)"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute each block in the backward pass"))
+    logging_steps: int = field(default=10, metadata=_help("optimizer steps between metrics.jsonl lines"))
+    checkpointing_steps: int | None = field(default=None, metadata=_help(
+        "optimizer steps between checkpoint-STEP/ folders; unset: none"))
+    save_total_limit: int | None = field(default=None, metadata=_help("keep only the newest N checkpoints"))
+    resume_from_checkpoint: str | None = field(default=None, metadata=_help(
+        "a checkpoint-STEP folder, or 'latest' for the newest in --output_dir"))
+    report_to: str | None = field(default=None, metadata=_help(
+        "trackers: none, all, or a comma-separated list of tensorboard, wandb, trackio, comet_ml, aim, mlflow, "
+        "clearml, dvclive, swanlab"))
+    push_to_hub: bool = field(default=False, metadata=_help(
+        "push the teacher backbone and its card at every checkpoint and at the end"))
+    hub_model_id: str | None = field(default=None, metadata=_help("ORG/NAME of the Hub repository"))
+    hub_private_repo: bool = field(default=False, metadata=_help("create the Hub repository private"))
+    # --- k-NN of the teacher on the held-out split ---
+    knn_k: int = field(default=20, metadata=_help("k of the online and final k-NN"))
+    knn_temperature: float = field(default=0.07, metadata=_help("temperature of the k-NN votes"))
+    knn_eval_at_end: bool = field(default=True, metadata=_help("k-NN of the teacher at the end of training"))
+    knn_max_train_samples: int | None = field(default=None, metadata=_help("k-NN memory bank: first N images only"))
+    eval_every: int | None = field(default=None, metadata=_help(
+        "optimizer steps between online k-NN evaluations; unset: only at the end"))
 
     # ------------------------------------------------------------------ helpers
     @classmethod
@@ -152,6 +182,13 @@ class DinoRecipe:
                                   brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
                                   grayscale_prob=self.grayscale_prob)
 
+    def report_to_list(self) -> list[str]:
+        """`report_to` as Accelerate's `log_with`: [] for none/unset, ["all"], or the named trackers."""
+        if self.report_to is None:
+            return []
+        names = [name for name in self.report_to.replace(",", " ").split() if name]
+        return [] if names in ([], ["none"]) else names
+
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
@@ -169,8 +206,13 @@ class DinoRecipe:
                                     f"use e.g. {max(self.patch_size, size // self.patch_size * self.patch_size)}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer {self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            problems.append(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
+            problems.append(f"mixed_precision {self.mixed_precision!r} must be one of {', '.join(MIXED_PRECISION)} "
+                            "(or unset: the launcher's)")
+        unknown_trackers = sorted(set(self.report_to_list()) - set(TRACKERS))
+        if unknown_trackers:
+            problems.append(f"report_to {self.report_to!r}: unknown tracker(s) {', '.join(unknown_trackers)}; "
+                            f"use none, all or a comma-separated list of {', '.join(TRACKERS)}")
         if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
             problems.append(f"attn_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
         for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "drop_path_rate"):
@@ -182,7 +224,8 @@ class DinoRecipe:
         for name in ("momentum_teacher", "momentum_teacher_end", "center_momentum"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must lie in [0, 1]")
-        for name in ("batch_size_per_device", "epochs", "out_dim", "gradient_accumulation_steps", "logging_steps"):
+        for name in ("batch_size_per_device", "epochs", "out_dim", "gradient_accumulation_steps", "logging_steps",
+                     "shuffle_buffer_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         if self.local_crops_number < 0:
@@ -250,25 +293,56 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def build_argument_parser() -> argparse.ArgumentParser:
-    """`--config FILE` plus one `--FIELD` flag per recipe field (values parsed later)."""
-    parser = argparse.ArgumentParser(description="DINO self-supervised pretraining", allow_abbrev=False)
-    parser.add_argument("--config", help="YAML recipe (see configs/); flags override its values")
-    hints = typing.get_type_hints(DinoRecipe)
-    for f in dataclasses.fields(DinoRecipe):
-        nargs = len(typing.get_args(hints[f.name])) if typing.get_origin(hints[f.name]) is tuple else None
-        parser.add_argument(f"--{f.name}", nargs=nargs, default=argparse.SUPPRESS,
-                            help=f"default: {f.default}")
-    return parser
+CONFIGS_DIR_NAME = "configs"
+DEFAULT_CONFIG = "demo_cifar10_cpu.yaml"
 
 
-def parse_recipe(argv: list[str] | None = None) -> DinoRecipe:
-    """Defaults < `--config` YAML < command-line flags; validated."""
-    namespace = vars(build_argument_parser().parse_args(argv))
-    config_path = namespace.pop("config", None)
-    if config_path:
-        recipe = DinoRecipe.from_yaml(config_path, **namespace)
-    else:
-        recipe = DinoRecipe.from_dict(namespace, source="command line")
-    recipe.validate()
+def config_directories() -> list[Path]:
+    """Where recipes named without a folder are found: inside the installed package (a wheel
+    carries configs/ as hf_dino/configs), then the checkout's configs/ (editable installs)."""
+    package = Path(__file__).resolve().parent
+    return [package / CONFIGS_DIR_NAME, package.parents[1] / CONFIGS_DIR_NAME]
+
+
+def resolve_config(name: str | Path) -> Path:
+    """A recipe file: `name` itself when it exists, else `name` (or `name`.yaml) looked up by its
+    file name in `config_directories()` — so `configs/vit_small_16.yaml`, `vit_small_16.yaml`
+    and `vit_small_16` all work from any directory, with a wheel as with a checkout."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    file_name = path.name if path.suffix in (".yaml", ".yml", ".json") else f"{path.name}.yaml"
+    for directory in config_directories():
+        if (directory / file_name).is_file():
+            return directory / file_name
+    available = sorted({p.stem for d in config_directories() if d.is_dir() for p in d.glob("*.yaml")})
+    raise FileNotFoundError(f"--config {name}: no such file, and no packaged recipe of that name "
+                            f"(packaged: {', '.join(available)})")
+
+
+def parse_recipe(argv: list[str] | None = None, default_config: str | Path | None = None,
+                 description: str = "DINO self-supervised pretraining.") -> DinoRecipe:
+    """Defaults < `--config` YAML (else `default_config`) < command-line flags; validated.
+
+    Bad flags, values or recipes exit with code 2 and one line (hf_dino.cli conventions).
+    """
+    from .cli import config_path_from_argv, parse_args, usage_error
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config = config_path_from_argv(argv)
+    try:
+        if config is not None:
+            index = next(i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config="))
+            resolved = str(resolve_config(config))
+            argv[index:index + (1 if argv[index].startswith("--config=") else 2)] = ["--config", resolved]
+        elif default_config is not None:
+            default_config = resolve_config(default_config)
+    except FileNotFoundError as error:
+        usage_error(str(error))
+    (recipe,) = parse_args(DinoRecipe, argv=argv, description=description,
+                           default_config=default_config)
+    try:
+        recipe.validate()
+    except ValueError as error:
+        usage_error(str(error).replace("Invalid recipe:\n  - ", "invalid recipe: ").replace("\n  - ", "; "))
     return recipe
