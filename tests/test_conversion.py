@@ -144,7 +144,12 @@ def test_converted_vit_small_16_matches_the_reference_forward(tmp_path):
     with torch.no_grad():
         ours = model(pixel_values=images).last_hidden_state[:, 0]
         expected = reference_vit_forward(reference, images, num_heads=6)
+        pooled = model(pixel_values=images).pooler_output
     assert (ours - expected).abs().max().item() < 1e-5
+    torch.testing.assert_close(pooled, ours, rtol=0, atol=0)  # identity pooler: pool=True gives the DINO feature
+    processor = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())  # the reference's eval
+    assert processor["size"] == {"shortest_edge": 256} and processor["crop_size"] == {"height": 224, "width": 224}
+    assert processor["do_center_crop"] and processor["do_convert_rgb"] and processor["resample"] == 3  # bicubic
 
 
 def full_checkpoint(tmp_path, use_bn=False, with_module_prefix=True) -> Path:
@@ -182,6 +187,7 @@ def test_full_training_checkpoint_gives_backbone_and_dino_model(tmp_path, key):
     assert torch.equal(load_file(str(tmp_path / "out/dino/dino_loss.safetensors"))["center"], torch.arange(128.0)[None])
     card = (tmp_path / "out" / "README.md").read_text()
     assert "checkpoint.pth" in card and "| `momentum_teacher` | `0.996` |" in card
+    assert str(tmp_path) not in card  # the source file's name only, never its local path
 
 
 def test_unknown_keys_are_listed(tmp_path):

@@ -1,10 +1,12 @@
+import json
 import logging
 
 import torch
 import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
-from transformers import AutoImageProcessor
+from PIL import Image as PILImage
+from transformers import AutoImageProcessor, ViTModel
 
 from hf_dino.hub import build_image_processor, push_folder, render_model_card
 from hf_dino.recipe import DinoRecipe
@@ -41,6 +43,73 @@ def test_image_processor_matches_training_normalisation(tmp_path):
     torch.testing.assert_close(pixel_values[0, :, 0, 0], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_image_processor_resizes_the_shortest_edge_then_centre_crops_like_the_evaluation_transform(tmp_path):
+    """The reference's evaluation geometry (Resize(256) + CenterCrop(224), scaled to the crop size;
+    the k-NN transform of `hf_dino.transforms`, albumentations/OpenCV): no squashing."""
+    import numpy as np
+
+    from hf_dino.transforms import evaluation_transform
+
+    build_image_processor(DinoRecipe(global_crop_size=32)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert config["size"] == {"shortest_edge": 37} and config["crop_size"] == {"height": 32, "width": 32}  # round(32*256/224)
+    assert config["do_convert_rgb"] and config["do_center_crop"] and config["resample"] == 3  # PIL bicubic
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    # 90 x 45 (W x H): source columns 0..19 black, the rest white. Shortest edge 45 -> 37 gives
+    # 74 x 37; the centre crop keeps columns 21..52 of 74, i.e. source columns 25.5..64.4: all white
+    # (the edge, at resized column 16.4, is beyond the bicubic kernel's reach). Squashing to 32 x 32
+    # would keep columns 0..6 black.
+    image = np.full((45, 90, 3), 255, dtype=np.uint8)
+    image[:, :20] = 0
+    white = (1.0 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    pixels = processor(images=PILImage.fromarray(image), return_tensors="pt").pixel_values[0]
+    assert pixels.shape == (3, 32, 32)
+    torch.testing.assert_close(pixels, white[:, None, None].expand(3, 32, 32), rtol=0, atol=0.03)
+    # a smooth non-square image: the same pixels as the evaluation transform, up to the two libraries'
+    # bicubic kernels (PIL a=-0.5, OpenCV a=-0.75)
+    rows, columns = np.mgrid[0:45, 0:60]
+    smooth = np.stack([127 + 120 * np.sin(rows / 9.0), 127 + 120 * np.cos(columns / 11.0),
+                       127 + 100 * np.sin((rows + columns) / 13.0)], -1).astype(np.uint8)
+    ours = processor(images=PILImage.fromarray(smooth), return_tensors="pt").pixel_values[0]
+    expected = evaluation_transform(32)(image=smooth)["image"]
+    assert (ours - expected).abs().max().item() < 0.06 and (ours - expected).abs().mean().item() < 0.01
+
+
+def test_image_processor_keeps_the_256_224_ratio_at_the_papers_size():
+    config = build_image_processor(DinoRecipe(global_crop_size=224)).to_dict()
+    assert config["size"] == {"shortest_edge": 256} and config["crop_size"] == {"height": 224, "width": 224}
+
+
+def test_card_keeps_org_dataset_ids_and_names_the_base_model():
+    recipe = DinoRecipe(dataset_name="uoft-cs/cifar10", dataset_config_name="plain_text",
+                        init_backbone="facebook/dino-vits16", hub_model_id="me/dino-cifar")
+    data = ModelCard(str(render_model_card(recipe, RESULTS, "ViTModel"))).data.to_dict()
+    assert data["datasets"] == ["uoft-cs/cifar10"] and data["base_model"] == "facebook/dino-vits16"
+    dataset = data["model-index"][0]["results"][0]["dataset"]
+    assert dataset["type"] == "uoft-cs/cifar10" and dataset["config"] == "plain_text"
+    demo = ModelCard(str(render_model_card(DinoRecipe(), RESULTS, "ViTModel"))).data.to_dict()  # embedded sample
+    assert demo["datasets"] == ["uoft-cs/cifar10"] and "base_model" not in demo
+
+
+def test_card_never_contains_local_paths(tmp_path):
+    for folder in ("images", "init_weights", "run"):
+        (tmp_path / folder).mkdir()
+    recipe = DinoRecipe(dataset_name=str(tmp_path / "images"), init_backbone=str(tmp_path / "init_weights"),
+                        output_dir=str(tmp_path / "run"))
+    results = dict(RESULTS, linear={"top1": 50.0, "top5": 90.0, "model": str(tmp_path / "run")})
+    text = str(render_model_card(recipe, results, "ViTModel"))
+    assert str(tmp_path) not in text and "init_weights" not in text and "images`" not in text
+    data = ModelCard(text).data.to_dict()
+    assert "datasets" not in data and "base_model" not in data
+    assert "Continued DINO pretraining from local weights" in text and "a local image dataset" in text
+
+
+def test_card_links_a_space_only_when_given_one():
+    with_space = str(render_model_card(DinoRecipe(), RESULTS, "ViTModel", space_id="me/dino-demo"))
+    assert "(https://huggingface.co/spaces/me/dino-demo)" in with_space
+    assert "huggingface.co/spaces" not in str(render_model_card(DinoRecipe(), RESULTS, "ViTModel"))
+
+
 def test_failed_push_is_reported_not_raised(tmp_path, caplog, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "config.json").write_text("{}")
@@ -57,6 +126,32 @@ def tiny_teacher_backbone(tmp_path):
                         out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16)
     _, teacher = build_student_and_teacher(recipe)
     return teacher, save_teacher_backbone(teacher, tmp_path / "teacher_backbone", recipe, {"global_step": 1})
+
+
+def test_feature_extraction_pipeline_pools_the_dino_feature(tmp_path):
+    """`pipeline("image-feature-extraction", pool=True)` on the saved folder returns the teacher's
+    DINO feature (final-norm CLS) of the processed image, for RGB, greyscale and RGBA images."""
+    import numpy as np
+    from transformers import AutoModel, pipeline
+
+    teacher, backbone_dir = tiny_teacher_backbone(tmp_path)
+    model, info = AutoModel.from_pretrained(backbone_dir, output_loading_info=True)
+    assert type(model) is ViTModel and not any(info.values())  # a plain ViTModel, nothing missing
+    assert model.config.pooler_act == "linear"
+    extractor = pipeline("image-feature-extraction", model=str(backbone_dir))
+    processor = AutoImageProcessor.from_pretrained(backbone_dir)
+    rng = np.random.default_rng(0)
+    rgb = PILImage.fromarray((rng.random((48, 40, 3)) * 255).astype(np.uint8))
+    for image in (rgb, rgb.convert("L"), rgb.convert("RGBA")):
+        pooled = torch.tensor(extractor(image, pool=True))
+        pixel_values = processor(images=image.convert("RGB"), return_tensors="pt").pixel_values
+        with torch.no_grad():
+            dino_feature = teacher.eval().backbone_features(pixel_values)
+            last_hidden = model(pixel_values=pixel_values).last_hidden_state
+        assert pooled.shape == (1, 192)
+        torch.testing.assert_close(pooled, last_hidden[:, 0], rtol=0, atol=0)
+        torch.testing.assert_close(pooled, dino_feature, rtol=1e-6, atol=1e-6)
+        assert torch.tensor(extractor(image)).shape == (1, 1 + 16, 192)  # without pool: every token
 
 
 def test_teacher_backbone_fine_tunes_as_vit_for_image_classification(tmp_path):

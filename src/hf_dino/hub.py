@@ -3,9 +3,11 @@ and uploads through huggingface_hub."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import platform
+import re
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from transformers import ViTImageProcessorPil, ViTModel
+from transformers import BitImageProcessorPil, ViTModel
 from transformers.image_utils import PILImageResampling
 
 from .modeling_dino import DinoModel
@@ -25,8 +27,19 @@ logger = logging.getLogger(__name__)
 TEMPLATE_NAME = "teacher_backbone.md"
 # The repository's model_cards/ (editable installs), else a copy packaged with hf_dino (wheels).
 TEMPLATE_DIRS = (Path(__file__).resolve().parents[2] / "model_cards", Path(__file__).parent / "model_cards")
-# An example image for the Hub inference widget.
-WIDGET_IMAGE = "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/cats.png"
+# Example images for the Hub inference widget (the ones transformers' own ViT cards use).
+WIDGET_IMAGES = (
+    {"src": "https://huggingface.co/datasets/mishig/sample_images/resolve/main/tiger.jpg", "example_title": "Tiger"},
+    {"src": "https://huggingface.co/datasets/mishig/sample_images/resolve/main/teapot.jpg", "example_title": "Teapot"},
+    {"src": "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/cats.png",
+     "example_title": "Cats"},
+)
+# The embedded demo sample is drawn from CIFAR-10.
+DEMO_DATASET_ID = "uoft-cs/cifar10"
+# A Hub repository id: `name` or `org/name`.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# The reference's evaluation resize: shortest edge 256 for a 224 centre crop.
+EVALUATION_RESIZE_RATIO = 256 / 224
 
 
 def find_card_template() -> Path:
@@ -36,25 +49,77 @@ def find_card_template() -> Path:
     raise FileNotFoundError(f"Model card template {TEMPLATE_NAME} not found in {', '.join(map(str, TEMPLATE_DIRS))}")
 
 
-def build_image_processor(recipe: DinoRecipe) -> ViTImageProcessorPil:
-    """Resize to the global-crop size (bicubic) and normalise with the training statistics."""
-    size = recipe.global_crop_size
-    return ViTImageProcessorPil(do_resize=True, size={"height": size, "width": size},
-                             resample=PILImageResampling.BICUBIC, do_rescale=True, do_normalize=True,
-                             image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+def evaluation_resize_size(crop_size: int, resize_ratio: float = EVALUATION_RESIZE_RATIO) -> int:
+    """Shortest edge before the centre crop: 256 for a 224 crop, round(crop * 256 / 224) for
+    others (37 for the demo's 32), as `transforms.evaluation_transform` resizes for k-NN."""
+    return max(crop_size, round(crop_size * resize_ratio))
 
 
-def render_model_card(recipe: DinoRecipe, results: dict, backbone_class: str, repo_id: str | None = None) -> ModelCard:
-    """Fill `model_cards/teacher_backbone.md` from a run's recipe and results."""
-    dataset = recipe.dataset_name or "cifar10 (hf_dino's embedded 10,000-image demo sample)"
-    dataset_id = recipe.dataset_name if recipe.dataset_name and "/" not in recipe.dataset_name.strip("/")[:-1] else None
+def build_image_processor(recipe: DinoRecipe, resize_ratio: float = EVALUATION_RESIZE_RATIO) -> BitImageProcessorPil:
+    """The reference's evaluation preprocessing, as the facebook/dino-* and DINOv2 processors do:
+    convert to RGB, resize the shortest edge to `global_crop_size * 256 / 224` (bicubic), centre-crop
+    `global_crop_size`, rescale to [0, 1] and normalise with the ImageNet statistics used in training.
+
+    The aspect ratio is kept (no squashing). The same geometry as the k-NN evaluation transform.
+    """
+    crop = recipe.global_crop_size
+    return BitImageProcessorPil(
+        do_convert_rgb=True, do_resize=True, size={"shortest_edge": evaluation_resize_size(crop, resize_ratio)},
+        resample=PILImageResampling.BICUBIC, do_center_crop=True, crop_size={"height": crop, "width": crop},
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+
+
+def hub_dataset_id(name: str | None) -> str | None:
+    """`name` when it is a Hub dataset id (`name` or `org/name`), None for a local path or glob."""
+    from .data import looks_like_local_path
+
+    if not name or looks_like_local_path(name) or not HUB_ID.fullmatch(name):
+        return None
+    return name
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """`name` when it is a Hub model id (`org/name`, or a legacy `name`), None for a local folder."""
+    return hub_dataset_id(name)
+
+
+def _public(value):
+    """A recipe value fit for a public card: local paths (and lists holding some) become "local"."""
+    from .data import looks_like_local_path
+
+    if isinstance(value, str) and looks_like_local_path(value):
+        return "(local path)"
+    if isinstance(value, (list, tuple)):
+        return type(value)(_public(item) for item in value)
+    return value
+
+
+def render_model_card(recipe: DinoRecipe, results: dict, backbone_class: str, repo_id: str | None = None,
+                      space_id: str | None = None) -> ModelCard:
+    """Fill `model_cards/teacher_backbone.md` from a run's recipe and results.
+
+    Metadata: `pipeline_tag: image-feature-extraction`, widget example images, the training data's
+    Hub id (`datasets`, `org/name` kept), `base_model` when training continued from Hub weights
+    (`recipe.init_backbone`), and a model-index with the measured k-NN / linear-probe results.
+    Local paths (data, init weights) never reach the card. `space_id` (`org/name` of a Hub Space
+    running hf_dino's demo app) adds a "Try it" link.
+    """
+    if recipe.dataset_name is None:
+        dataset_id, dataset = DEMO_DATASET_ID, f"CIFAR-10 ({DEMO_DATASET_ID}; hf_dino's embedded 10,000-image sample)"
+    else:
+        dataset_id = hub_dataset_id(recipe.dataset_name)
+        dataset = dataset_id or "a local image dataset"
+    base_model = hub_model_id(recipe.init_backbone)
     repo_id = repo_id or recipe.hub_model_id or "path/to/teacher_backbone"
     knn, linear = results.get("knn"), results.get("linear")
     eval_results, evaluation_lines = [], []
+    metric_fields = dict(task_type="image-classification", dataset_type=dataset_id or "imagefolder",
+                         dataset_name=dataset, dataset_config=recipe.dataset_config_name if dataset_id else None,
+                         metric_type="accuracy")
     if knn:
         eval_results.append(EvalResult(
-            task_type="image-classification", dataset_type=dataset_id or "cifar10", dataset_name=dataset,
-            metric_type="accuracy", metric_name=f"k-NN top-1 (k={knn['k']})", metric_value=round(knn["top1"], 2),
+            **metric_fields, metric_name=f"k-NN top-1 (k={knn['k']})", metric_value=round(knn["top1"], 2),
             dataset_split=knn.get("split", recipe.val_split)))
         evaluation_lines.append(
             f"Weighted {knn['k']}-NN (T={knn['temperature']}) on frozen features: top-1 **{knn['top1']:.2f}%**, "
@@ -62,8 +127,7 @@ def render_model_card(recipe: DinoRecipe, results: dict, backbone_class: str, re
             "the memory bank).")
     if linear:
         eval_results.append(EvalResult(
-            task_type="image-classification", dataset_type=dataset_id or "cifar10", dataset_name=dataset,
-            metric_type="accuracy", metric_name="linear probe top-1", metric_value=round(linear["top1"], 2),
+            **metric_fields, metric_name="linear probe top-1", metric_value=round(linear["top1"], 2),
             dataset_split=linear.get("split", recipe.val_split)))
         evaluation_lines.append(
             f"Linear probe on frozen features ({linear.get('epochs', '?')} epochs, lr {linear.get('lr', '?')}): "
@@ -72,8 +136,8 @@ def render_model_card(recipe: DinoRecipe, results: dict, backbone_class: str, re
     card_data = ModelCardData(
         library_name="transformers", pipeline_tag="image-feature-extraction", license="apache-2.0",
         tags=["dino", "self-supervised", "vision", "hf_dino", recipe.arch],
-        datasets=[dataset_id] if dataset_id else None, model_name=repo_id.split("/")[-1],
-        eval_results=eval_results or None, widget=[{"src": WIDGET_IMAGE, "example_title": "Cats"}])
+        datasets=[dataset_id] if dataset_id else None, base_model=base_model, model_name=repo_id.split("/")[-1],
+        eval_results=eval_results or None, widget=[dict(image) for image in WIDGET_IMAGES])
     is_vit = recipe.arch.startswith("vit")
     train = results.get("train", {})
     wall_time = results.get("train_time_s")
@@ -85,33 +149,43 @@ def render_model_card(recipe: DinoRecipe, results: dict, backbone_class: str, re
                          "arguments where the checkpoint stores them.")
     else:
         steps = results.get("global_step", train.get("step", "?"))
-        training_text = (f"Training data: {dataset}. {steps} optimizer steps in "
+        start = (f"Continued DINO pretraining from [`{base_model}`](https://huggingface.co/{base_model}). "
+                 if base_model else "Continued DINO pretraining from local weights. " if recipe.init_backbone else "")
+        training_text = (f"{start}Training data: {dataset}. {steps} optimizer steps in "
                          f"{f'{wall_time / 60:.1f} min' if wall_time else 'an unrecorded time'} on {hardware}.")
     return ModelCard.from_template(
         card_data, template_path=str(find_card_template()),
-        model_name=repo_id.split("/")[-1], repo_id=repo_id, backbone_class=backbone_class,
+        model_name=repo_id.split("/")[-1], repo_id=repo_id, backbone_class=backbone_class, space_id=space_id,
         backbone_description=(f"ViT ({recipe.arch}, patch {recipe.patch_size})" if is_vit else recipe.arch),
-        feature_expression=("outputs.last_hidden_state[:, 0]" if is_vit else "outputs.pooler_output.flatten(1)"),
+        feature_expression=("outputs.pooler_output  # the DINO feature, = outputs.last_hidden_state[:, 0]" if is_vit
+                            else "outputs.pooler_output.flatten(1)  # the DINO feature"),
+        image_size=recipe.global_crop_size, resize_size=evaluation_resize_size(recipe.global_crop_size),
         evaluation_text=evaluation_text,
-        recipe_rows=[(k, v) for k, v in recipe.to_dict().items()
-                     if k not in ("output_dir", "resume_from_checkpoint", "report_to", "push_to_hub")],
+        recipe_rows=[(key, _public(value)) for key, value in recipe.to_dict().items()
+                     if key not in ("output_dir", "resume_from_checkpoint", "report_to", "push_to_hub")],
         training_text=training_text)
 
 
 def with_identity_pooler(backbone: ViTModel) -> ViTModel:
-    """A copy of a pooler-less `ViTModel` with a pooler whose dense layer is the identity.
+    """A copy of a `ViTModel` whose pooler returns the DINO feature unchanged.
 
-    `AutoModel.from_pretrained` builds a `ViTModel` with a pooler; without pooler weights in the
-    checkpoint it would initialise them randomly (and report them missing). An identity dense
-    layer makes `pooler_output = tanh(CLS token)`, a fixed function of the DINO feature.
+    DINO trains no pooler, but `AutoModel.from_pretrained` builds a `ViTModel` with one (random
+    and reported missing if the checkpoint lacks it), and `pipeline("image-feature-extraction",
+    pool=True)` returns `pooler_output`. Here the pooler's dense layer is the identity and its
+    activation `linear` (`config.pooler_act`), so `pooler_output == last_hidden_state[:, 0]`: the
+    `[CLS]` token after the final layer norm, bit for bit. Still a plain `ViTModel`.
     """
-    model = ViTModel(backbone.config, add_pooling_layer=True)
-    missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
+    config = copy.deepcopy(backbone.config)
+    config.pooler_act = "linear"
+    config.pooler_output_size = config.hidden_size
+    model = ViTModel(config, add_pooling_layer=True)
+    state = {key: value for key, value in backbone.state_dict().items() if not key.startswith("pooler.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(key.startswith("pooler.") for key in missing), (missing, unexpected)
     with torch.no_grad():
-        model.pooler.dense.weight.copy_(torch.eye(backbone.config.hidden_size))
+        model.pooler.dense.weight.copy_(torch.eye(config.hidden_size))
         model.pooler.dense.bias.zero_()
-    return model
+    return model.to(next(backbone.parameters()).dtype)
 
 
 def save_teacher_backbone(teacher: DinoModel, directory: str | Path, recipe: DinoRecipe, results: dict) -> Path:
@@ -123,7 +197,7 @@ def save_backbone_folder(backbone, directory: str | Path, recipe: DinoRecipe, re
     """Write a backbone as a plain transformers model folder: config.json, model.safetensors,
     preprocessor_config.json and README.md (the model card)."""
     directory = Path(directory)
-    if isinstance(backbone, ViTModel) and backbone.pooler is None:
+    if isinstance(backbone, ViTModel):
         backbone = with_identity_pooler(backbone)
     backbone.save_pretrained(directory)
     build_image_processor(recipe).save_pretrained(directory)
