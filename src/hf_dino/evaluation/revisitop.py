@@ -31,7 +31,7 @@ PROTOCOLS = {"E": (("easy",), ("junk", "hard")),
              "H": (("hard",), ("junk", "easy"))}
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
     """A ground-truth pickle asked for something beyond containers, strings, numbers and arrays."""
 
 
