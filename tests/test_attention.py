@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from transformers import ViTConfig, ViTModel
 
-from hf_dino.attention import (attention_mass_masks, last_block_cls_attention, save_attention_figures,
-                               upsample_to_image)
+from hf_dino.attention import (attention_mass_masks, eager_attention, last_block_cls_attention,
+                               save_attention_figures, upsample_to_image)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,8 @@ def test_cls_attention_matches_softmax_of_the_last_blocks_queries_and_keys():
     with torch.no_grad():
         sdpa_output = model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
         attention = last_block_cls_attention(model, pixels)
-        eager_output = model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
+        with eager_attention(model):
+            eager_output = model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
     torch.testing.assert_close(eager_output, sdpa_output, rtol=1e-5, atol=1e-5)  # eager: same model
     tokens = normed_inputs[-1]  # (B, 1 + N, D)
     heads, head_dim = 2, 16
@@ -42,6 +43,36 @@ def test_cls_attention_matches_softmax_of_the_last_blocks_queries_and_keys():
     expected = torch.softmax(q @ k.transpose(-1, -2) / head_dim ** 0.5, dim=-1)[:, :, 0, 1:]
     assert attention.shape == (2, 2, 4, 6)
     torch.testing.assert_close(attention, expected.reshape(2, 2, 4, 6), rtol=1e-5, atol=1e-6)
+
+
+def attention_implementations(model) -> set:
+    """The implementation every module with a config would use now."""
+    return {module.config._attn_implementation for module in model.modules() if hasattr(module, "config")}
+
+
+def test_the_models_attention_implementation_is_restored_after_use():
+    from hf_dino.configuration_dino import DinoConfig
+    from hf_dino.modeling_dino import DinoModel
+
+    vit = tiny_vit()
+    assert attention_implementations(vit) == {"sdpa"}
+    last_block_cls_attention(vit, torch.randn(1, 3, 16, 16))
+    assert attention_implementations(vit) == {"sdpa"}
+    dino = DinoModel(DinoConfig(backbone_config=vit.config, out_dim=8, head_hidden_dim=8, head_bottleneck_dim=4))
+    last_block_cls_attention(dino, torch.randn(1, 3, 16, 16))  # through a DinoModel's backbone
+    assert attention_implementations(dino.backbone) == {"sdpa"}
+    vit.set_attn_implementation("eager")  # a model already on eager stays on eager
+    last_block_cls_attention(vit, torch.randn(1, 3, 16, 16))
+    assert attention_implementations(vit) == {"eager"}
+
+
+def test_the_attention_implementation_is_restored_when_the_forward_fails():
+    vit = tiny_vit()
+    with pytest.raises(RuntimeError, match="boom"):
+        with eager_attention(vit):
+            assert attention_implementations(vit) == {"eager"}
+            raise RuntimeError("boom")
+    assert attention_implementations(vit) == {"sdpa"}
 
 
 def brute_force_mask(values: np.ndarray, keep_fraction: float) -> np.ndarray:

@@ -7,6 +7,8 @@ keep the most-attended patches holding `keep_fraction` (60% in the paper) of eac
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +24,36 @@ def vit_backbone(model: nn.Module) -> nn.Module:
     return backbone
 
 
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with `model` (a transformers model) on the eager attention implementation,
+    the only one that returns attention weights, then restore the implementation it had (SDPA,
+    flash, ...), also when the block raises. Same weights, same outputs."""
+    previous = model.config._attn_implementation
+    if previous == "eager":
+        yield model
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+
+
 @torch.no_grad()
 def last_block_cls_attention(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """pixel_values (B, 3, H, W) -> CLS-to-patch attention of the last block (B, heads, H/p, W/p).
 
-    SDPA and flash attention do not return attention weights, so the backbone is switched to
-    the eager implementation first (same weights, same outputs).
+    SDPA and flash attention do not return attention weights, so the backbone runs on the eager
+    implementation for this call (`eager_attention`); its own implementation is restored after.
     """
     vit = vit_backbone(model)
-    if vit.config._attn_implementation != "eager":
-        vit.set_attn_implementation("eager")
     patch = vit.config.patch_size
     height, width = pixel_values.shape[-2:]
     if height % patch or width % patch:
         raise ValueError(f"Image size {height}x{width} is not a multiple of the patch size {patch}")
-    outputs = vit(pixel_values=pixel_values, output_attentions=True, interpolate_pos_encoding=True)
+    with eager_attention(vit):
+        outputs = vit(pixel_values=pixel_values, output_attentions=True, interpolate_pos_encoding=True)
     attention = outputs.attentions[-1]  # (B, heads, 1 + N, 1 + N)
     cls_to_patches = attention[:, :, 0, 1:]  # (B, heads, N)
     return cls_to_patches.reshape(*cls_to_patches.shape[:2], height // patch, width // patch)
