@@ -136,11 +136,12 @@ def test_grayscale_rgba_and_larger_attention_input(demo, query_image, tmp_path):
     pixels = np.asarray(Image.open(query_image))
     opaque = tmp_path / "opaque.png"
     Image.fromarray(np.dstack([pixels, np.full(pixels.shape[:2], 255, np.uint8)]), "RGBA").save(opaque)
-    result = demo.analyze(str(opaque), top_k=1)
-    assert "converted from RGBA" in result.message
-    # a fully opaque alpha channel changes nothing: the image is still its own neighbour
-    assert result.neighbour_table[0]["row"] == QUERY_ROW
-    assert result.neighbour_table[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    for image_size in (0, 64):  # native size: one forward pass for both; 64 px: a second pass at 32 px
+        result = demo.analyze(str(opaque), top_k=1, image_size=image_size)
+        assert "converted from RGBA" in result.message
+        # a fully opaque alpha channel changes nothing: the image is still its own neighbour
+        assert result.neighbour_table[0]["row"] == QUERY_ROW
+        assert result.neighbour_table[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
 
     gray = tmp_path / "gray.jpg"
     Image.fromarray(pixels).convert("L").save(gray)

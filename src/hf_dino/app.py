@@ -41,6 +41,8 @@ EXAMPLES_DIR = Path(__file__).parent / "app_examples"
 DEFAULT_CACHE_DIR = Path(os.environ.get("HF_DINO_CACHE", Path.home() / ".cache" / "hf_dino")) / "app_gallery"
 # Images above this many pixels are refused before decoding (a 40 MP RGB image is 120 MB decoded).
 MAX_IMAGE_PIXELS = 40_000_000
+# Gallery and query images: shorter side resized to the model's size, centre square (whole image).
+GALLERY_RESIZE_RATIO = 1.0
 # Attention overlays are drawn at least this many pixels wide.
 MIN_DISPLAY_SIZE = 224
 NO_MODEL_MESSAGE = (
@@ -146,7 +148,7 @@ def load_gallery(gallery: str | None = None, split: str | None = None, max_image
 def compute_gallery_features(loaded: LoadedModel, gallery: GalleryData, batch_size: int = 64
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised DINO features (N, D) float32 of the decodable gallery images and their rows (N,)."""
-    transform = evaluation_transform(loaded.image_size)
+    transform = evaluation_transform(loaded.image_size, resize_ratio=GALLERY_RESIZE_RATIO)
     features, rows, batch, batch_rows = [], [], [], []
 
     def flush():
@@ -174,7 +176,8 @@ def compute_gallery_features(loaded: LoadedModel, gallery: GalleryData, batch_si
 def gallery_cache_path(cache_dir: str | Path, loaded: LoadedModel, gallery: GalleryData) -> Path:
     """`cache_dir/<sha256 of model identity, image size, gallery name and fingerprint>.safetensors`."""
     fingerprint = getattr(gallery.dataset, "_fingerprint", None) or str(len(gallery.dataset))
-    key = json.dumps([loaded.identity, loaded.image_size, gallery.name, fingerprint, len(gallery.dataset)])
+    key = json.dumps([loaded.identity, loaded.image_size, GALLERY_RESIZE_RATIO, gallery.name, fingerprint,
+                      len(gallery.dataset)])
     return Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
 
 
@@ -241,6 +244,25 @@ def _centre_square(image: np.ndarray, size: int) -> np.ndarray:
 
     return A.Compose([A.SmallestMaxSize(max_size=size, interpolation=cv2.INTER_CUBIC),
                       A.CenterCrop(height=size, width=size)])(image=image)["image"]
+
+
+def model_input(image: np.ndarray, size: int, loaded: LoadedModel) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, size, size) normalised pixels of the centre square, on the model's device."""
+    pixels = evaluation_transform(size, resize_ratio=GALLERY_RESIZE_RATIO)(image=image)["image"][None]
+    return pixels.to(next(loaded.model.parameters()).device)
+
+
+def attention_and_feature(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: `last_block_cls_attention` (B, heads, h, w) and the DINO feature (B, D),
+    the final-norm CLS token of the same pass, captured by a hook on the ViT."""
+    captured = []
+    hook = vit_backbone(model).register_forward_hook(
+        lambda module, args, output: captured.append(output.last_hidden_state[:, 0]))
+    try:
+        attention = last_block_cls_attention(model, pixel_values)
+    finally:
+        hook.remove()
+    return attention, captured[-1]
 
 
 def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np.ndarray:
@@ -324,10 +346,10 @@ class DinoDemo:
                 image_size: int | None = None, top_k: int = 8) -> Analysis:
         """One image -> attention maps, mask and neighbours. AppInputError for unusable input.
 
-        The attention runs on the image resized (shorter side) and centre-cropped to
-        `image_size` (default: the model's native size, at least 4 patches), floored to a
-        multiple of the patch size; the neighbour search on the same evaluation transform
-        as the gallery (the model's native size).
+        The model sees the image's centre square (shorter side resized to the input size, the
+        gallery's transform too). The attention's input size is `image_size` (default: the
+        model's native size; at least 4 patches, floored to a multiple of the patch size); the
+        neighbour search runs at the native size, from the same forward pass when they agree.
         """
         if not 0 < threshold <= 1:
             raise AppInputError(f"Threshold {threshold}: give a fraction of attention mass in (0, 1].")
@@ -336,9 +358,11 @@ class DinoDemo:
         patch = loaded.patch_size
         size = max(int(image_size or loaded.image_size), 4 * patch) // patch * patch
         shown = _centre_square(image, size)
-        pixels = evaluation_transform(size, resize_ratio=1.0)(image=image)["image"][None]
-        pixels = pixels.to(next(loaded.model.parameters()).device)
-        attention = last_block_cls_attention(loaded.model, pixels)[0].float().cpu()  # (heads, h, w)
+        attention, query = attention_and_feature(loaded.model, model_input(image, size, loaded))
+        attention = attention[0].float().cpu()  # (heads, h, w)
+        if size != loaded.image_size:
+            query = backbone_cls_features(loaded.model, model_input(image, loaded.image_size, loaded))
+        query = nn.functional.normalize(query.float(), dim=-1).cpu()[0]
         mean_attention = attention.mean(0)
         mask = attention_mass_masks(mean_attention, threshold)
         head_masks = attention_mass_masks(attention, threshold)
@@ -352,7 +376,7 @@ class DinoDemo:
                          for head in range(attention.shape[0])]
         mask_image = mask_overlay(shown_large, mask.numpy())
 
-        neighbours, table = self._neighbours(loaded, image, top_k)
+        neighbours, table = self._neighbours(loaded, query, top_k)
         grid = f"{attention.shape[1]}x{attention.shape[2]}"
         message = (f"`{loaded.name}`: {attention.shape[0]} heads, {size}x{size} px input ({grid} patches of "
                    f"{patch} px); the mask keeps {int(mask.sum())}/{mask.numel()} patches holding {threshold:.0%} "
@@ -363,12 +387,10 @@ class DinoDemo:
         return Analysis(attention=attention, mask=mask, mean_overlay=mean_overlay, head_overlays=head_overlays,
                         mask_image=mask_image, neighbours=neighbours, neighbour_table=table, message=message)
 
-    def _neighbours(self, loaded: LoadedModel, image: np.ndarray, top_k: int
+    def _neighbours(self, loaded: LoadedModel, query: torch.Tensor, top_k: int
                     ) -> tuple[list[tuple[np.ndarray, str]], list[dict]]:
+        """query (D,) L2-normalised feature -> the top-k gallery images with captions, and the table."""
         features, rows = self.gallery_features(loaded)
-        pixels = evaluation_transform(loaded.image_size)(image=image)["image"][None]
-        pixels = pixels.to(next(loaded.model.parameters()).device)
-        query = nn.functional.normalize(backbone_cls_features(loaded.model, pixels).float(), dim=-1).cpu()[0]
         scores, order = (features @ query).topk(min(int(top_k), features.shape[0]))
         gallery = self.gallery_data()
         pictures, table = [], []
