@@ -88,3 +88,79 @@ def test_augmented_training_runs_the_backbone_each_epoch():
     config = LinearProbeConfig(epochs=3, batch_size=16, augment=True, n_last_blocks=1)
     train_linear_probe(model, batches, batches, 3, config)
     assert len(calls) == 2 + 3 * 2  # val features once, then train batches every epoch
+
+
+def pil_images(count=6, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((20 + 3 * i, 24, 3)) * 255).astype(np.uint8)) for i in range(count)]
+
+
+def test_probe_saves_an_image_classifier_that_the_pipeline_loads(tmp_path):
+    """The folder is a plain ViTForImageClassification: the pipeline's scores are the softmax of
+    the trained linear layer on the probe feature (final-norm CLS) of the processed image."""
+    from transformers import AutoImageProcessor, ViTForImageClassification, pipeline
+
+    from hf_dino.evaluation.linear import save_image_classifier
+
+    model, batches = tiny_vit(), colour_classes()
+    config = LinearProbeConfig(epochs=3, batch_size=16, lrs=(0.5,), augment=False, n_last_blocks=1)
+    result = train_linear_probe(model, batches, batches, 3, config, train_eval_loader=batches)
+    classifier = result.pop("classifier")
+    folder = save_image_classifier(model, classifier, tmp_path / "probe", ["red", "green", "blue"], image_size=16,
+                                   result=result)
+    assert folder == tmp_path / "probe"
+    loaded = ViTForImageClassification.from_pretrained(folder)
+    assert loaded.config.id2label == {0: "red", 1: "green", 2: "blue"} and loaded.config.label2id["blue"] == 2
+    processor = AutoImageProcessor.from_pretrained(folder)
+    assert processor.size == {"shortest_edge": 18} and processor.crop_size == {"height": 16, "width": 16}
+    classify = pipeline("image-classification", model=str(folder))
+    for image in pil_images():
+        pixel_values = processor(images=image, return_tensors="pt").pixel_values
+        with torch.no_grad():
+            expected = torch.softmax(classifier(probe_features(model, pixel_values, n_last_blocks=1)), -1)[0]
+        predictions = classify(image, top_k=3)
+        scores = torch.tensor([next(p["score"] for p in predictions if p["label"] == name)
+                               for name in ("red", "green", "blue")])
+        torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+    assert "pipeline_tag: image-classification" in (folder / "README.md").read_text()
+
+
+def test_a_probe_on_several_blocks_is_not_saved_as_a_vit_classifier(tmp_path, caplog):
+    import logging
+
+    from hf_dino.evaluation.linear import save_image_classifier
+
+    classifier = torch.nn.Linear(2 * 32, 3)
+    with caplog.at_level(logging.WARNING):
+        saved = save_image_classifier(tiny_vit(), classifier, tmp_path / "probe", ["a", "b", "c"], image_size=16,
+                                      result={"n_last_blocks": 2, "avgpool_patchtokens": False})
+    assert saved is None and not (tmp_path / "probe").exists()
+    assert "--n_last_blocks 1 --avgpool_patchtokens false" in caplog.text
+
+
+def test_a_resnet_probe_saves_a_resnet_classifier(tmp_path):
+    from transformers import AutoModelForImageClassification, ResNetConfig, ResNetModel
+
+    from hf_dino.evaluation.linear import save_image_classifier
+
+    torch.manual_seed(0)
+    model = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")).eval()
+    classifier = torch.nn.Linear(16, 4)
+    save_image_classifier(model, classifier, tmp_path, list("abcd"), image_size=32)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixels).logits, classifier(probe_features(model, pixels)))
+
+
+def test_class_names_come_from_the_label_feature():
+    from datasets import ClassLabel, Features, Value
+
+    from hf_dino.evaluation.linear import class_names
+
+    features = Features({"label": ClassLabel(names=["cat", "dog"]), "other": Value("int64")})
+    assert class_names(features, "label", 2) == ["cat", "dog"]
+    assert class_names(features, "other", 3) == ["0", "1", "2"]

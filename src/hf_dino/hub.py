@@ -55,19 +55,21 @@ def evaluation_resize_size(crop_size: int, resize_ratio: float = EVALUATION_RESI
     return max(crop_size, round(crop_size * resize_ratio))
 
 
-def build_image_processor(recipe: DinoRecipe, resize_ratio: float = EVALUATION_RESIZE_RATIO) -> BitImageProcessorPil:
+def evaluation_image_processor(crop_size: int, resize_ratio: float = EVALUATION_RESIZE_RATIO) -> BitImageProcessorPil:
     """The reference's evaluation preprocessing, as the facebook/dino-* and DINOv2 processors do:
-    convert to RGB, resize the shortest edge to `global_crop_size * 256 / 224` (bicubic), centre-crop
-    `global_crop_size`, rescale to [0, 1] and normalise with the ImageNet statistics used in training.
-
-    The aspect ratio is kept (no squashing). The same geometry as the k-NN evaluation transform.
-    """
-    crop = recipe.global_crop_size
+    convert to RGB, resize the shortest edge to `crop_size * resize_ratio` (256 for 224; bicubic,
+    aspect ratio kept, no squashing), centre-crop `crop_size`, rescale to [0, 1] and normalise with
+    the ImageNet statistics used in training: the geometry of `transforms.evaluation_transform`."""
     return BitImageProcessorPil(
-        do_convert_rgb=True, do_resize=True, size={"shortest_edge": evaluation_resize_size(crop, resize_ratio)},
-        resample=PILImageResampling.BICUBIC, do_center_crop=True, crop_size={"height": crop, "width": crop},
+        do_convert_rgb=True, do_resize=True, size={"shortest_edge": evaluation_resize_size(crop_size, resize_ratio)},
+        resample=PILImageResampling.BICUBIC, do_center_crop=True, crop_size={"height": crop_size, "width": crop_size},
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+
+
+def build_image_processor(recipe: DinoRecipe) -> BitImageProcessorPil:
+    """The image processor of a run's backbone: `evaluation_image_processor` at the global-crop size."""
+    return evaluation_image_processor(recipe.global_crop_size)
 
 
 def hub_dataset_id(name: str | None) -> str | None:

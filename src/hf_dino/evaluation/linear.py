@@ -175,3 +175,113 @@ def train_linear_probe(model: nn.Module, train_loader, val_loader, num_classes: 
                   avgpool_patchtokens=avgpool, augment=config.augment, num_train=num_train,
                   num_val=int(val_labels.shape[0]), classifier=classifiers.heads[config.lrs.index(chosen)])
     return result
+
+
+def class_names(features, label_column: str, num_classes: int) -> list[str]:
+    """The label names of a 🤗 dataset's `ClassLabel` column, else "0", "1", ... (num_classes)."""
+    names = getattr((features or {}).get(label_column), "names", None)
+    return list(names) if names and len(names) == num_classes else [str(index) for index in range(num_classes)]
+
+
+def classifier_layout_problem(model: nn.Module, n_last_blocks: int, avgpool_patchtokens: bool) -> str | None:
+    """Why a probe with this layout has no transformers image-classification equivalent, or None.
+
+    `ViTForImageClassification` applies its classifier to the final-norm CLS token of the last
+    block only, so a probe on several blocks' CLS tokens (the reference's ViT-S layout) or with
+    pooled patch tokens (its ViT-B layout) cannot be expressed as one.
+    `ResNetForImageClassification` applies it to the pooled last stage: the ResNet probe feature.
+    """
+    backbone = getattr(model, "backbone", model)
+    model_type = getattr(getattr(backbone, "config", None), "model_type", None)
+    if model_type == "resnet":
+        return None
+    if model_type != "vit":
+        return f"a {model_type!r} backbone has no transformers image-classification counterpart here"
+    if n_last_blocks != 1 or avgpool_patchtokens:
+        return (f"the probe reads {n_last_blocks} blocks' CLS tokens{' and pooled patch tokens' if avgpool_patchtokens else ''}, "
+                "but ViTForImageClassification classifies the last block's CLS token only; "
+                "train with --n_last_blocks 1 --avgpool_patchtokens false to get one")
+    return None
+
+
+def save_image_classifier(model: nn.Module, classifier: nn.Linear, output_dir, labels: Sequence[str],
+                          image_size: int, resize_ratio: float = 256 / 224, result: dict | None = None):
+    """Write the frozen backbone + the trained linear layer as a transformers image classifier
+    (`ViTForImageClassification` / `ResNetForImageClassification`): config with `id2label` /
+    `label2id` from `labels`, `model.safetensors`, the evaluation image processor (shortest edge
+    `image_size * resize_ratio`, centre crop `image_size`, as the probe was evaluated) and a
+    short model card. `pipeline("image-classification", model=output_dir)` then predicts what the
+    probe predicts, and `AutoModelForImageClassification` fine-tunes it further.
+
+    Returns the folder, or None (with a log line saying why) when the probe's feature layout has
+    no such counterpart (`classifier_layout_problem`); nothing is written then.
+    `classifier`: Linear(F, C) with C = len(labels); `result`: `train_linear_probe`'s, for the card.
+    """
+    import copy
+    import logging
+    from pathlib import Path
+
+    from transformers import ResNetForImageClassification, ViTForImageClassification
+
+    from ..hub import evaluation_image_processor
+
+    result = result or {}
+    backbone = getattr(model, "backbone", model)
+    n_last_blocks = int(result.get("n_last_blocks", 1))
+    avgpool = bool(result.get("avgpool_patchtokens", False))
+    problem = classifier_layout_problem(model, n_last_blocks, avgpool)
+    if problem:
+        logging.getLogger(__name__).warning("No image-classification folder saved: %s.", problem)
+        return None
+    if classifier.out_features != len(labels):
+        raise ValueError(f"the classifier has {classifier.out_features} outputs but {len(labels)} labels were given")
+    config = copy.deepcopy(backbone.config)
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(map(str, labels)))
+    config.label2id = {str(name): index for index, name in enumerate(labels)}
+    backbone_state = {key: value for key, value in backbone.state_dict().items() if not key.startswith("pooler.")}
+    if config.model_type == "vit":
+        config.architectures = ["ViTForImageClassification"]
+        image_classifier = ViTForImageClassification(config)
+        state = {f"vit.{key}": value for key, value in backbone_state.items()}
+        state.update({f"classifier.{key}": value for key, value in classifier.state_dict().items()})
+    else:
+        config.architectures = ["ResNetForImageClassification"]
+        image_classifier = ResNetForImageClassification(config)
+        state = {f"resnet.{key}": value for key, value in backbone_state.items()}
+        state.update({f"classifier.1.{key}": value for key, value in classifier.state_dict().items()})
+    image_classifier.load_state_dict({key: value.detach().cpu() for key, value in state.items()}, strict=True)
+    output_dir = Path(output_dir)
+    image_classifier.eval().save_pretrained(output_dir)
+    evaluation_image_processor(image_size, resize_ratio).save_pretrained(output_dir)
+    _image_classifier_card(config, result, image_size).save(output_dir / "README.md")
+    return output_dir
+
+
+def _image_classifier_card(config, result: dict, image_size: int):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(library_name="transformers", pipeline_tag="image-classification", license="apache-2.0",
+                         tags=["dino", "self-supervised", "linear-probe", "hf_dino"])
+    measured = (f"Top-1 **{result['top1']:.2f}%**, top-5 {result['top5']:.2f}% on {result.get('num_val', '?')} "
+                f"held-out images after {result.get('epochs', '?')} epochs (lr {result.get('lr', '?')})."
+                if "top1" in result else "")
+    return ModelCard(f"""---
+{data.to_yaml()}
+---
+
+# DINO linear probe: {config.architectures[0]}
+
+A frozen DINO backbone with the linear classifier that hf_dino's linear evaluation
+(`hf-dino-eval-linear`, the reference protocol) trained on its final-norm features, saved as a
+plain `transformers.{config.architectures[0]}` with {config.num_labels} labels. {measured}
+
+```python
+from transformers import pipeline
+
+classifier = pipeline("image-classification", model="PATH_OR_HUB_ID")
+classifier("image.jpg")  # [{{"label": ..., "score": ...}}, ...]
+```
+
+The image processor is the evaluation's: shortest edge resized, centre crop {image_size} px.
+""")
