@@ -164,3 +164,22 @@ def test_class_names_come_from_the_label_feature():
     features = Features({"label": ClassLabel(names=["cat", "dog"]), "other": Value("int64")})
     assert class_names(features, "label", 2) == ["cat", "dog"]
     assert class_names(features, "other", 3) == ["0", "1", "2"]
+
+
+def test_eval_linear_command_writes_a_pipeline_ready_classifier_with_the_datasets_names(tmp_path):
+    """`hf-dino-eval-linear --output_dir` on the embedded CIFAR-10 sample (docs/FINETUNING.md's path)."""
+    from transformers import pipeline
+
+    from hf_dino.commands.eval_linear import main
+    from hf_dino.data import load_dataset_dict
+
+    model_dir = tmp_path / "backbone"
+    tiny_vit().save_pretrained(model_dir)
+    result = main(["--model", str(model_dir), "--max_train_samples", "64", "--max_val_samples", "16", "--epochs", "1",
+                   "--batch_size", "32", "--num_workers", "0", "--n_last_blocks", "1", "--avgpool_patchtokens", "false",
+                   "--no_augmentation", "--output_dir", str(tmp_path / "probe")])
+    assert result["image_classifier"] == str(tmp_path / "probe")
+    demo = load_dataset_dict(None)
+    names = demo["train"].features["label"].names
+    predictions = pipeline("image-classification", model=str(tmp_path / "probe"))(demo["test"][0]["image"], top_k=3)
+    assert len(predictions) == 3 and {p["label"] for p in predictions} <= set(names)

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from ..cli import DataArguments, emit_json, load_evaluation_splits, model_field, parse_args
 from ..data import LabelledImageDataset, collate_labelled
 from ..evaluation import load_frozen_backbone
-from ..evaluation.linear import LinearProbeConfig, train_linear_probe
+from ..evaluation.linear import LinearProbeConfig, class_names, save_image_classifier, train_linear_probe
 from ..transforms import evaluation_transform, linear_probe_train_transform
 from .eval_knn import EvaluationImageArguments
 
@@ -49,7 +49,9 @@ class LinearProbeArguments:
     random_init: bool = field(default=False, metadata={"help": "baseline: the architecture with random weights"})
     seed: int = field(default=0, metadata={"help": "seed of the probe's initialisation and data order"})
     output_dir: str | None = field(default=None, metadata={
-        "help": "save the chosen linear layer here (linear_classifier.safetensors)"})
+        "help": "save the chosen linear layer here (linear_classifier.safetensors) and, when the probe reads the "
+                "last block's CLS token only (--n_last_blocks 1 --avgpool_patchtokens false; any ResNet), make the "
+                "folder a ViTForImageClassification that pipeline('image-classification') loads"})
     output_json: str | None = field(default=None, metadata={"help": "also write the result JSON here"})
 
     def __post_init__(self) -> None:
@@ -101,6 +103,10 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous().cpu() for k, v in classifier.state_dict().items()},
                   str(Path(args.output_dir) / "linear_classifier.safetensors"))
+        labels = class_names(train_split.features, data.label_column, num_classes)
+        folder = save_image_classifier(model, classifier, args.output_dir, labels, image_size, image.resize_ratio,
+                                       result)
+        result["image_classifier"] = str(folder) if folder else None
     emit_json(result, args.output_json)
     return result
 
