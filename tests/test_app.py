@@ -169,6 +169,7 @@ def test_no_model_page_says_how_to_get_one(tmp_path, monkeypatch, query_image):
     assert "accelerate launch scripts/pretrain.py" in status.value
     message = page.dino_demo.answer(str(query_image), "", 0.6, 0, 5)[0]
     assert "No model loaded" in message and "outputs/demo_cifar10_cpu/teacher_backbone" in message
+    assert not Path(app_module.__file__).with_suffix(".pyi").exists()  # no Gradio stub written into the package
 
 
 def test_default_model_is_the_demo_runs_teacher(tmp_path, monkeypatch, tiny_model):

@@ -15,7 +15,6 @@ a message saying what to do instead.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -447,8 +446,8 @@ def build_app(model: str | None = None, gallery: str | None = None, threshold: f
                     "the attention, and the nearest gallery images by cosine similarity of the CLS feature.")
         with gr.Row():
             with gr.Column(scale=1):
-                image = _lenient_image_class()(label="Image", type="filepath", image_mode=None, height=256,
-                                               sources=["upload", "clipboard"], elem_id="input-image")
+                image = lenient_image_input(label="Image", height=256, sources=["upload", "clipboard"],
+                                            elem_id="input-image")
                 model_box = gr.Textbox(value=demo.model or "", label="Model (backbone folder or Hub id)",
                                        placeholder=str(DEFAULT_MODEL_DIR), elem_id="model")
                 threshold_slider = gr.Slider(0.05, 1.0, value=threshold, step=0.05, elem_id="threshold",
@@ -477,27 +476,21 @@ def build_app(model: str | None = None, gallery: str | None = None, threshold: f
     return page
 
 
-@functools.cache
-def _lenient_image_class():
+def lenient_image_input(**kwargs):
+    """A `gr.Image` input (type "filepath") that hands over the uploaded file's path even when
+    PIL cannot open it, so that `read_image` reports a non-image upload in the page instead of
+    Gradio failing in its preprocessing. (The instance's `preprocess` is wrapped: a subclass of
+    a Gradio component would make Gradio write a .pyi stub beside this module.)"""
     import gradio as gr
 
-    class LenientImage(gr.Image):
-        """`gr.Image` that hands over the uploaded file's path even when PIL cannot open it, so
-        the app reports a non-image upload in the page instead of failing in Gradio's preprocessing
-        (`is_template`: the browser draws it as a plain Image)."""
+    image = gr.Image(type="filepath", image_mode=None, **kwargs)
+    strict_preprocess = image.preprocess
 
-        is_template = True
+    def preprocess(payload):
+        try:
+            return strict_preprocess(payload)
+        except Exception:
+            return None if payload is None or payload.path is None else str(payload.path)
 
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except Exception:
-                return None if payload is None or payload.path is None else str(payload.path)
-
-    return LenientImage
-
-
-def __getattr__(name: str):
-    if name == "LenientImage":  # defined lazily: gradio is an optional extra
-        return _lenient_image_class()
-    raise AttributeError(name)
+    image.preprocess = preprocess
+    return image
