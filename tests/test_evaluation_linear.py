@@ -183,3 +183,7 @@ def test_eval_linear_command_writes_a_pipeline_ready_classifier_with_the_dataset
     names = demo["train"].features["label"].names
     predictions = pipeline("image-classification", model=str(tmp_path / "probe"))(demo["test"][0]["image"], top_k=3)
     assert len(predictions) == 3 and {p["label"] for p in predictions} <= set(names)
+    from transformers import ViTForImageClassification  # the guide's fine-tuning start: nothing left to initialise
+
+    model, info = ViTForImageClassification.from_pretrained(tmp_path / "probe", output_loading_info=True)
+    assert not info["missing_keys"] and model.config.id2label[0] == names[0]
