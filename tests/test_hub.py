@@ -252,9 +252,10 @@ def test_push_run_renders_evaluations_into_the_card(tmp_path, monkeypatch):
     api = RecordingApi()
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda: api)
     linear = {"top1": 55.5, "top5": 94.0, "epochs": 100, "lr": 0.01}
-    assert push_run(tmp_path, "me/dino-tiny", extra_results={"linear": linear})
+    assert push_run(tmp_path, "me/dino-tiny", extra_results={"linear": linear}, space_id="me/dino-app")
     upload = api.uploads[0]
     assert upload["files"] == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
     _, results = model_index_to_eval_results(upload["card"].data.to_dict()["model-index"])
     assert sorted(r.metric_value for r in results) == [41.25, 55.5]
     assert 'AutoModel.from_pretrained("me/dino-tiny")' in upload["card"].text
+    assert "https://huggingface.co/spaces/me/dino-app" in upload["card"].text

@@ -267,10 +267,11 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, commit_
 
 
 def push_run(output_dir: str | Path, repo_id: str, private: bool = False, extra_results: dict | None = None,
-             include_dino: bool = False) -> bool:
+             include_dino: bool = False, space_id: str | None = None) -> bool:
     """Push a finished run's `teacher_backbone/` (card re-rendered from `recipe.json`, `results.json`
-    and `extra_results`, e.g. {"linear": eval_linear output}) to `repo_id`; with `include_dino`,
-    also its `dino/` folder under `dino/` in the same repo. Returns success."""
+    and `extra_results`, e.g. {"linear": eval_linear output}, with a link to the Hub Space `space_id`
+    if given) to `repo_id`; with `include_dino`, also its `dino/` folder under `dino/` in the same
+    repo. Returns success."""
     output_dir = Path(output_dir)
     backbone_dir = output_dir / "teacher_backbone"
     for required in (backbone_dir / "config.json", output_dir / "recipe.json"):
@@ -283,7 +284,8 @@ def push_run(output_dir: str | Path, repo_id: str, private: bool = False, extra_
     with tempfile.TemporaryDirectory(prefix="hf_dino_card_") as staging:
         staging = Path(staging)
         shutil.copytree(backbone_dir, staging, dirs_exist_ok=True)
-        render_model_card(recipe, results, _backbone_class(backbone_dir), repo_id).save(staging / "README.md")
+        card = render_model_card(recipe, results, _backbone_class(backbone_dir), repo_id, space_id=space_id)
+        card.save(staging / "README.md")
         if include_dino and (output_dir / "dino").exists():
             shutil.copytree(output_dir / "dino", staging / "dino")
         return push_folder(staging, repo_id, private, commit_message=f"hf_dino run {output_dir.name}")
