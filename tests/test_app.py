@@ -98,7 +98,7 @@ def test_api_answers_attention_maps_and_neighbours(served, tiny_model, query_ima
     similarities = [entry["similarity"] for entry in scores]
     assert similarities == sorted(similarities, reverse=True) and all(-1 <= s <= 1 + 1e-4 for s in similarities)
     assert scores[0]["label"] == load_gallery(None, max_images=GALLERY_SIZE).label(QUERY_ROW)
-    assert neighbours[0]["caption"].startswith(f"#1 {scores[0]['label']}")
+    assert neighbours[0]["caption"] == f"{scores[0]['label']} · {scores[0]['similarity']:.3f}"
 
 
 @pytest.mark.timeout(180)

@@ -370,8 +370,7 @@ class DinoDemo:
         shown_large = _resize(shown, display)
         mean_overlay = heat_overlay(shown_large, mean_attention.numpy())
         head_overlays = [(heat_overlay(shown_large, attention[head].numpy()),
-                          f"head {head}: {int(head_masks[head].sum())}/{head_masks[head].numel()} patches "
-                          f"hold {threshold:.0%}")
+                          f"head {head}: {int(head_masks[head].sum())}/{head_masks[head].numel()} patches")
                          for head in range(attention.shape[0])]
         mask_image = mask_overlay(shown_large, mask.numpy())
 
@@ -400,7 +399,7 @@ class DinoDemo:
             picture = gallery.image(row)
             if max(picture.shape[:2]) < 128:  # CIFAR's 32 px thumbnails: enlarge for the page
                 picture = _resize(_centre_square(picture, min(picture.shape[:2])), 128)
-            pictures.append((picture, f"#{rank} {label + ' · ' if label else ''}cos {score:.3f}"))
+            pictures.append((picture, f"{label + ' · ' if label else ''}{score:.3f}"))
         return pictures, table
 
     def answer(self, image_path, model_name, threshold, image_size, top_k):
@@ -463,9 +462,12 @@ def build_app(model: str | None = None, gallery: str | None = None, threshold: f
                     mean_image = gr.Image(label="Mean attention", elem_id="mean-attention", interactive=False,
                                           format="png")
                     mask_image = gr.Image(label="Thresholded mask", elem_id="mask", interactive=False, format="png")
-                heads = gr.Gallery(label="Every head", elem_id="heads", columns=6, height=240, format="png")
-                neighbours = gr.Gallery(label="Nearest neighbours in the gallery", elem_id="neighbours",
-                                        columns=8, height=240, format="png")
+                heads = gr.Gallery(label="Every head (patches holding the threshold's share of its attention)",
+                                   elem_id="heads", columns=3, fit_columns=False, object_fit="contain",
+                                   format="png")
+                neighbours = gr.Gallery(label="Nearest neighbours in the gallery (label · cosine similarity)",
+                                        elem_id="neighbours", columns=4, fit_columns=False,
+                                        object_fit="contain", format="png")
                 with gr.Accordion("Similarity scores", open=False):
                     scores = gr.JSON(label="neighbours", elem_id="scores")
         inputs = [image, model_box, threshold_slider, size_slider, top_k_slider]
