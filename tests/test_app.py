@@ -299,3 +299,30 @@ def test_space_folder_app_runs_locally(tmp_path, tiny_model, query_image):
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=20)
         log.close()
+
+
+@pytest.mark.timeout(120)
+def test_push_to_hub_space_writes_the_folder_and_reports_a_failed_upload(tmp_path, tiny_model, capsys, monkeypatch):
+    """Offline (HF_HUB_OFFLINE=1, the test suite's setting) both uploads fail: reported, exit code 1,
+    the Space folder written for the pushed model id."""
+    import json
+    import shutil
+
+    from hf_dino import DinoRecipe
+    from hf_dino.commands.push_to_hub import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model, run / "teacher_backbone")
+    (run / "recipe.json").write_text(json.dumps(DinoRecipe().to_dict()))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "--hub_model_id", "me/dino-demo", "--space", "me/dino-demo-app"])
+    assert exit_info.value.code == 1
+    output = capsys.readouterr().out
+    assert "Space" in output and "me/dino-demo-app: FAILED" in output
+    readme = (run / "space" / "README.md").read_text()
+    assert yaml.safe_load(readme.split("---\n")[1])["models"] == ["me/dino-demo"]
+    assert "'me/dino-demo'" in (run / "space" / "app.py").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "--hub_model_id", "me/dino-demo", "--space", "no-org"])
+    assert exit_info.value.code == 2
