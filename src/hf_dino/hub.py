@@ -158,6 +158,7 @@ def render_model_card(recipe: DinoRecipe, results: dict, backbone_class: str, re
     return ModelCard.from_template(
         card_data, template_path=str(find_card_template()),
         model_name=repo_id.split("/")[-1], repo_id=repo_id, backbone_class=backbone_class, space_id=space_id,
+        is_vit=is_vit,
         backbone_description=(f"ViT ({recipe.arch}, patch {recipe.patch_size})" if is_vit else recipe.arch),
         feature_expression=("outputs.pooler_output  # the DINO feature, = outputs.last_hidden_state[:, 0]" if is_vit
                             else "outputs.pooler_output.flatten(1)  # the DINO feature"),
