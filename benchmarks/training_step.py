@@ -19,7 +19,7 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -27,27 +27,28 @@ import torch
 
 @dataclass
 class BenchmarkSettings:
-    arch: str = "vit_small"
-    patch_size: int = 16
-    num_hidden_layers: int | None = None
-    batch_size: int = 8
-    local_crops_number: int = 6
-    global_crop_size: int = 224
-    local_crop_size: int = 96
-    out_dim: int = 65536
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    reference_mixed_precision: str | None = None  # the reference's precision; None: the same as hf_dino's
-    attn_implementation: str = "auto"  # hf_dino's ViT attention kernel (DinoRecipe.attn_implementation)
-    torch_compile: bool = False  # hf_dino's forwards compiled (DinoRecipe.torch_compile)
-    warmup_steps: int = 2
-    timed_steps: int = 5
-    num_images: int = 64  # augmentation benchmark: JPEG-encoded images of ~256 px
-    num_workers: int = 2
-    threads: int | None = None  # torch threads per measurement; None = all cores
-    # CPU: glibc malloc keeps freed memory (trainer.keep_freed_cpu_memory) in every step
-    # measurement's process, the reference's too
-    keep_freed_cpu_memory: bool = True
-    seed: int = 0
+    arch: str = field(default="vit_small", metadata={"help": "backbone", "choices": ["vit_tiny", "vit_small", "vit_base"]})
+    patch_size: int = field(default=16, metadata={"help": "ViT patch size"})
+    num_hidden_layers: int | None = field(default=None, metadata={"help": "ViT depth; unset: the preset's (12)"})
+    batch_size: int = field(default=8, metadata={"help": "images per step"})
+    local_crops_number: int = field(default=6, metadata={"help": "local crops per image"})
+    global_crop_size: int = field(default=224, metadata={"help": "side of the 2 global crops"})
+    local_crop_size: int = field(default=96, metadata={"help": "side of the local crops"})
+    out_dim: int = field(default=65536, metadata={"help": "K, the head's outputs"})
+    mixed_precision: str = field(default="no", metadata={"help": "hf_dino's precision", "choices": ["no", "bf16", "fp16"]})
+    reference_mixed_precision: str | None = field(default=None, metadata={
+        "help": "the reference's precision; unset: the same as hf_dino's", "choices": ["no", "bf16", "fp16"]})
+    attn_implementation: str = field(default="auto", metadata={
+        "help": "hf_dino's ViT attention kernel (DinoRecipe.attn_implementation)", "choices": ["auto", "sdpa", "eager"]})
+    torch_compile: bool = field(default=False, metadata={"help": "hf_dino's forwards compiled (DinoRecipe.torch_compile)"})
+    warmup_steps: int = field(default=2, metadata={"help": "untimed steps first"})
+    timed_steps: int = field(default=5, metadata={"help": "timed steps"})
+    num_images: int = field(default=64, metadata={"help": "augmentation benchmark: JPEG-encoded images of ~256 px"})
+    num_workers: int = field(default=2, metadata={"help": "augmentation benchmark: DataLoader workers"})
+    threads: int | None = field(default=None, metadata={"help": "torch threads per measurement; unset: all cores"})
+    keep_freed_cpu_memory: bool = field(default=True, metadata={
+        "help": "CPU: glibc malloc keeps freed memory in every step measurement's process, the reference's too"})
+    seed: int = field(default=0, metadata={"help": "seed of weights and data"})
 
     @property
     def reference_precision(self) -> str:
@@ -113,7 +114,7 @@ def _autocast(mixed_precision: str, device: str):
 def _step_recipe(settings: BenchmarkSettings):
     """The recipe both implementations' benchmarked steps are built from: the paper's defaults
     (drop-path 0.1, 3-layer head 2048/256, normalised last layer) at the benchmark's sizes."""
-    from .recipe import DinoRecipe
+    from hf_dino.recipe import DinoRecipe
 
     return DinoRecipe(arch=settings.arch, patch_size=settings.patch_size, num_hidden_layers=settings.num_hidden_layers,
                       global_crop_size=settings.global_crop_size, local_crop_size=settings.local_crop_size,
@@ -123,10 +124,10 @@ def _step_recipe(settings: BenchmarkSettings):
 def build_hf_dino_step(settings: BenchmarkSettings, device: str):
     """One hf_dino optimizer step (teacher + student forward, loss, backward, clip, AdamW, EMA,
     centre) as a closure over pre-made crops, plus the student for FLOP counting."""
-    from .loss import DinoLoss
-    from .modeling_dino import training_attention_implementation
-    from .optimization import build_optimizer, clip_gradients_per_parameter, ema_update
-    from .trainer import build_student_and_teacher
+    from hf_dino.loss import DinoLoss
+    from hf_dino.modeling_dino import training_attention_implementation
+    from hf_dino.optimization import build_optimizer, clip_gradients_per_parameter, ema_update
+    from hf_dino.trainer import build_student_and_teacher
 
     recipe = _step_recipe(settings)
     attention = training_attention_implementation(settings.attn_implementation, device, settings.mixed_precision)
@@ -217,7 +218,7 @@ def reference_student_and_teacher(vits, utils, recipe):
     student's weights, no gradients."""
     from functools import partial
 
-    from .configuration_dino import VIT_LAYER_NORM_EPS, VIT_MLP_RATIO, VIT_PRESETS
+    from hf_dino.configuration_dino import VIT_LAYER_NORM_EPS, VIT_MLP_RATIO, VIT_PRESETS
 
     if recipe.arch not in VIT_PRESETS:
         raise ValueError("the reference comparison covers ViTs")
@@ -326,7 +327,7 @@ def _start_step_measurement(settings: BenchmarkSettings) -> str:
         torch.set_num_threads(settings.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and settings.keep_freed_cpu_memory:
-        from .trainer import keep_freed_cpu_memory
+        from hf_dino.trainer import keep_freed_cpu_memory
 
         keep_freed_cpu_memory()
     return device
@@ -416,7 +417,7 @@ class _JpegCrops(torch.utils.data.Dataset):
     def _build(self):
         s = self.settings
         if self.implementation == "hf_dino":
-            from .transforms import MultiCropAugmentation
+            from hf_dino.transforms import MultiCropAugmentation
 
             return MultiCropAugmentation(global_crop_size=s.global_crop_size, local_crop_size=s.local_crop_size,
                                          local_crops_number=s.local_crops_number)
@@ -432,7 +433,7 @@ class _JpegCrops(torch.utils.data.Dataset):
         if self.augmentation is None:
             self.augmentation = self._build()
         if self.implementation == "hf_dino":
-            from .data import decode_image
+            from hf_dino.data import decode_image
 
             return self.augmentation(decode_image(self.jpegs[index]), seed=index)
         return self.augmentation(Image.open(io.BytesIO(self.jpegs[index])).convert("RGB"))
@@ -534,11 +535,11 @@ def train_reference_on_recipe(recipe, reference_repo: str) -> dict:
     (converted with `hf_dino.conversion`) by hf_dino's k-NN. Only the training code differs from
     an hf_dino run of the same recipe. The converted teacher backbone is saved as a transformers
     model folder, `recipe.output_dir/reference_teacher_backbone`, for further evaluation."""
-    from .conversion import VIT_KEYS, load_strict, reference_to_transformers, vit_config_from_reference
-    from .data import FALLBACK_VAL_SPLITS, MultiCropDataset, collate_multicrop, load_dataset_dict, select_split
-    from .evaluation import knn_evaluate_splits
-    from .hub import save_backbone_folder
-    from .transforms import MultiCropAugmentation
+    from hf_dino.conversion import VIT_KEYS, load_strict, reference_to_transformers, vit_config_from_reference
+    from hf_dino.data import FALLBACK_VAL_SPLITS, MultiCropDataset, collate_multicrop, load_dataset_dict, select_split
+    from hf_dino.evaluation import knn_evaluate_splits
+    from hf_dino.hub import save_backbone_folder
+    from hf_dino.transforms import MultiCropAugmentation
 
     vits, utils, main_dino = import_reference(reference_repo)
     _single_process_group()
@@ -619,7 +620,7 @@ def train_reference_on_recipe(recipe, reference_repo: str) -> dict:
 
 def train_hf_dino_on_recipe(recipe) -> dict:
     """Run in a subprocess: an hf_dino run of `recipe` and its teacher's k-NN."""
-    from .trainer import DinoTrainer
+    from hf_dino.trainer import DinoTrainer
 
     results = DinoTrainer(recipe).train()
     return {"knn_top1": results["knn"]["top1"], "knn_top5": results["knn"]["top5"],
@@ -631,7 +632,7 @@ def compare_quality(config_path: str, reference_repo: str, epochs: int, seeds=(0
     """k-NN after the same number of steps of the same recipe, hf_dino vs the reference, per seed.
     Both teacher backbones stay in `output_dir/hf_dino_quality_seed{seed}/` (`teacher_backbone`,
     `reference_teacher_backbone`) for `scripts/eval_knn.py` on a larger split."""
-    from .recipe import DinoRecipe
+    from hf_dino.recipe import DinoRecipe
 
     rows = []
     for seed in seeds:

@@ -2,64 +2,60 @@
 """Training-step and multi-crop throughput, peak memory and MFU of hf_dino, optionally against
 facebookresearch/dino (a local checkout) in the same run, with ratios (hf_dino / reference).
 
-python scripts/benchmark.py --output_json bench.json --reference_repo /path/to/dino
-python scripts/benchmark.py --arch vit_tiny --num_hidden_layers 4 --patch_size 8 --global_crop_size 32 \\
-    --local_crop_size 16 --local_crops_number 4 --batch_size 64 --out_dim 1024   # the CPU demo's model
+    python scripts/benchmark.py --output_json bench.json --reference_repo /path/to/dino
+    python scripts/benchmark.py --arch vit_tiny --num_hidden_layers 4 --patch_size 8 --global_crop_size 32 \\
+        --local_crop_size 16 --local_crops_number 4 --batch_size 64 --out_dim 1024   # the CPU demo's model
+
+The harness lives in benchmarks/training_step.py (a checkout's, not the installed library's).
 """
 
-import argparse
-import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from hf_dino.benchmark import BenchmarkSettings, compare_quality, run_benchmark
-from hf_dino.cli import emit_json
-from hf_dino.modeling_dino import ATTENTION_IMPLEMENTATIONS
-from hf_dino.recipe import MIXED_PRECISION
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.training_step import BenchmarkSettings, compare_quality, run_benchmark  # noqa: E402
+from hf_dino.cli import emit_json, parse_args, usage_error  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = BenchmarkSettings()
-    choices = {"mixed_precision": MIXED_PRECISION, "reference_mixed_precision": MIXED_PRECISION,
-               "attn_implementation": ATTENTION_IMPLEMENTATIONS}
-    for name, value in vars(defaults).items():
-        if isinstance(value, bool):
-            parser.add_argument(f"--{name}", type=str.lower, default=str(value).lower(), choices=("true", "false"))
-            continue
-        kind = int if name in ("num_hidden_layers", "threads") else str if name == "reference_mixed_precision" else type(value)
-        parser.add_argument(f"--{name}", type=kind, default=value, choices=choices.get(name))
-    parser.add_argument("--reference_repo", default=None, help="local checkout of facebookresearch/dino")
-    parser.add_argument("--reference_pythonpath", default=None,
-                        help="extra import path for the reference only (e.g. where its torchvision is installed)")
-    parser.add_argument("--rounds", type=int, default=1, help="alternate the implementations this many times, keep the best")
-    parser.add_argument("--quality_config", default=None,
-                        help="also train this recipe with hf_dino and with the reference's training code (same data "
-                             "pipeline) and compare the teachers' k-NN; needs --reference_repo")
-    parser.add_argument("--quality_epochs", type=int, default=4)
-    parser.add_argument("--quality_seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--quality_num_threads", type=int, default=None,
-                        help="torch threads per quality run (default: all cores)")
-    parser.add_argument("--quality_output_dir", default="/tmp", help="where the quality runs' teachers are saved")
-    parser.add_argument("--quality_only", action="store_true", help="skip the speed and memory measurements")
-    parser.add_argument("--output_json", default=None)
-    args = vars(parser.parse_args())
-    reference_repo, rounds, output_json = args.pop("reference_repo"), args.pop("rounds"), args.pop("output_json")
-    quality = {name: args.pop(name) for name in ("quality_config", "quality_epochs", "quality_seeds",
-                                                 "quality_num_threads", "quality_output_dir")}
-    quality_only = args.pop("quality_only")
-    if quality["quality_config"] and not reference_repo:
-        raise SystemExit("--quality_config needs --reference_repo")
-    if quality_only and not quality["quality_config"]:
-        raise SystemExit("--quality_only needs --quality_config")
-    args.update({name: args[name] == "true" for name, value in vars(defaults).items() if isinstance(value, bool)})
-    extra_path = args.pop("reference_pythonpath")
-    if reference_repo and extra_path:
-        reference_repo = os.pathsep.join([reference_repo, extra_path])
-    result = {} if quality_only else run_benchmark(BenchmarkSettings(**args), reference_repo, rounds)
-    if quality["quality_config"]:
-        result["quality"] = compare_quality(quality["quality_config"], reference_repo, quality["quality_epochs"],
-                                            quality["quality_seeds"], output_dir=quality["quality_output_dir"],
-                                            num_threads=quality["quality_num_threads"])
-    emit_json(result, output_json)
+@dataclass
+class BenchmarkRunArguments:
+    reference_repo: str | None = field(default=None, metadata={"help": "local checkout of facebookresearch/dino"})
+    reference_pythonpath: str | None = field(default=None, metadata={
+        "help": "extra import path for the reference only (e.g. where its torchvision is installed)"})
+    rounds: int = field(default=1, metadata={"help": "alternate the implementations this many times, keep the best"})
+    quality_config: str | None = field(default=None, metadata={
+        "help": "also train this recipe with hf_dino and with the reference's training code (same data pipeline) "
+                "and compare the teachers' k-NN; needs --reference_repo"})
+    quality_epochs: int = field(default=4, metadata={"help": "epochs of each quality run"})
+    quality_seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "seeds of the quality runs"})
+    quality_num_threads: int | None = field(default=None, metadata={
+        "help": "torch threads per quality run (default: all cores)"})
+    quality_output_dir: str = field(default="/tmp", metadata={"help": "where the quality runs' teachers are saved"})
+    quality_only: bool = field(default=False, metadata={"help": "skip the speed and memory measurements"})
+    output_json: str | None = field(default=None, metadata={"help": "also write the result JSON here"})
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"--rounds {self.rounds}: must be >= 1")
+
+
+def main(argv=None) -> dict:
+    settings, run = parse_args(BenchmarkSettings, BenchmarkRunArguments, argv=argv, description=__doc__)
+    if run.quality_config and not run.reference_repo:
+        usage_error("--quality_config needs --reference_repo")
+    if run.quality_only and not run.quality_config:
+        usage_error("--quality_only needs --quality_config")
+    reference_repo = run.reference_repo
+    if reference_repo and run.reference_pythonpath:
+        reference_repo = ":".join([reference_repo, run.reference_pythonpath])
+    result = {} if run.quality_only else run_benchmark(settings, reference_repo, run.rounds)
+    if run.quality_config:
+        result["quality"] = compare_quality(run.quality_config, reference_repo, run.quality_epochs, run.quality_seeds,
+                                            output_dir=run.quality_output_dir, num_threads=run.quality_num_threads)
+    emit_json(result, run.output_json)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from hf_dino.benchmark import (BenchmarkSettings, _add_mfu, build_hf_dino_step, matmul_peak_flops, step_flops,
-                               time_interleaved)
+from benchmarks import training_step
+from benchmarks.training_step import (BenchmarkSettings, _add_mfu, build_hf_dino_step, matmul_peak_flops,
+                                      step_flops, time_interleaved)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(arch="vit_tiny", num_hidden_layers=2, patch_size=8, global_crop_size=32, local_crop_size=16,
@@ -40,15 +40,17 @@ def test_step_flops_match_the_architectures_count():
 
 
 def test_benchmarked_step_is_a_real_training_step():
+    """One benchmarked step trains the student (AdamW moved it) and updates the teacher by the EMA
+    formula teacher' = m * teacher + (1 - m) * student' with m = 0.996, on every parameter."""
     step = build_hf_dino_step(BenchmarkSettings(**TINY), "cpu")
-    teacher_parameters = next(c.cell_contents for c in step.__closure__
-                              if isinstance(c.cell_contents, list) and c.cell_contents
-                              and isinstance(c.cell_contents[0], torch.nn.Parameter)
-                              and not c.cell_contents[0].requires_grad)
-    before = [p.detach().clone() for p in teacher_parameters]
-    losses = [step() for _ in range(2)]
-    assert all(torch.isfinite(loss) for loss in losses)
-    assert any(not torch.equal(b, p) for b, p in zip(before, teacher_parameters))  # the EMA moved the teacher
+    closure = dict(zip(step.__code__.co_freevars, (cell.cell_contents for cell in step.__closure__)))
+    student, teacher = closure["student_parameters"], closure["teacher_parameters"]
+    student_before = [p.detach().clone() for p in student]
+    teacher_before = [p.detach().clone() for p in teacher]
+    assert torch.isfinite(step())
+    assert any(not torch.equal(b, p) for b, p in zip(student_before, student))  # the optimizer stepped
+    for old, new, student_new in zip(teacher_before, teacher, student):
+        torch.testing.assert_close(new.detach(), 0.996 * old + 0.004 * student_new.detach(), rtol=0, atol=1e-6)
 
 
 def test_mfu_uses_the_peak_of_the_precision_run():
@@ -71,7 +73,7 @@ def test_matmul_peak_is_measured():
 @pytest.mark.parametrize("arguments, message", [
     (["--quality_only"], "--quality_only needs --quality_config"),
     (["--quality_config", "configs/demo_cifar10_cpu.yaml"], "--quality_config needs --reference_repo"),
-    (["--keep_freed_cpu_memory", "maybe"], "invalid choice: 'maybe'"),
+    (["--keep_freed_cpu_memory", "maybe"], "argument --keep_freed_cpu_memory: Truthy value expected: got maybe"),
 ])
 def test_benchmark_script_rejects_bad_options(arguments, message):
     """A bad flag value, or a quality comparison without its inputs, fails at once, before any
@@ -82,21 +84,19 @@ def test_benchmark_script_rejects_bad_options(arguments, message):
     assert message in completed.stderr
 
 
-def test_interleaved_timing_alternates_and_times_each_step():
+def test_interleaved_timing_alternates_and_times_each_step(monkeypatch):
     """Steps run in turn with the order reversed every round (A B, B A, ...), warm-up steps are
-    not timed, and a step that sleeps 3x longer measures ~3x longer."""
-    calls = []
+    not timed, and each timed step measures exactly its own duration (on a fake clock)."""
+    calls, clock = [], [0.0]
+    monkeypatch.setattr(training_step.time, "perf_counter", lambda: clock[0])
 
-    def sleeper(name, seconds):
+    def ticking(name, seconds):
         def step():
             calls.append(name)
-            time.sleep(seconds)
+            clock[0] += seconds
         return step
 
-    seconds = time_interleaved({"fast": sleeper("fast", 0.01), "slow": sleeper("slow", 0.03)},
+    seconds = time_interleaved({"fast": ticking("fast", 0.01), "slow": ticking("slow", 0.03)},
                                warmup_steps=1, timed_steps=4)
     assert calls == ["fast", "slow"] + ["fast", "slow", "slow", "fast"] * 2
-    assert len(seconds["fast"]) == len(seconds["slow"]) == 4
-    assert all(0.01 <= t < 0.02 for t in sorted(seconds["fast"])[:2])  # sleep never returns early
-    ratios = sorted(slow / fast for fast, slow in zip(seconds["fast"], seconds["slow"]))
-    assert 2.0 < ratios[len(ratios) // 2] < 3.5
+    assert seconds == {"fast": [pytest.approx(0.01)] * 4, "slow": [pytest.approx(0.03)] * 4}

@@ -60,6 +60,12 @@ class DinoArgumentParser(HfArgumentParser):
     def __init__(self, dataclass_types, description: str | None = None, prog: str | None = None):
         super().__init__(dataclass_types, description=description, prog=prog, formatter_class=HelpFormatter,
                          allow_abbrev=False)
+        # HfArgumentParser also adds `--a-b` for `--a_b`: one spelling keeps --help and errors readable
+        for action in self._actions:
+            hyphenated = [o for o in action.option_strings if o.startswith("--") and "-" in o[2:]]
+            for option in hyphenated:
+                action.option_strings.remove(option)
+                del self._option_string_actions[option]
 
     @staticmethod
     def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
