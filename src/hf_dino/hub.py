@@ -56,8 +56,8 @@ def evaluation_resize_size(crop_size: int, resize_ratio: float = EVALUATION_RESI
 
 
 def evaluation_image_processor(crop_size: int, resize_ratio: float = EVALUATION_RESIZE_RATIO) -> BitImageProcessorPil:
-    """The reference's evaluation preprocessing, as the facebook/dino-* and DINOv2 processors do:
-    convert to RGB, resize the shortest edge to `crop_size * resize_ratio` (256 for 224; bicubic,
+    """The reference's evaluation preprocessing (Resize(256) + CenterCrop(224)), in the processor
+    class DINOv2's Hub models use (`BitImageProcessor`): convert to RGB, resize the shortest edge to `crop_size * resize_ratio` (256 for 224; bicubic,
     aspect ratio kept, no squashing), centre-crop `crop_size`, rescale to [0, 1] and normalise with
     the ImageNet statistics used in training: the geometry of `transforms.evaluation_transform`."""
     return BitImageProcessorPil(
