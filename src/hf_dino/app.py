@@ -333,9 +333,12 @@ class DinoDemo:
         return self._features[loaded.name]
 
     def warm_up(self) -> str | None:
-        """Load the default model and its gallery features; the message to show if that fails."""
+        """Load the default model and its gallery features, and answer one bundled example (the
+        first call's one-off costs: eager attention, allocations); the message to show if that fails."""
         try:
             self.gallery_features(self.load(self.model))
+            if example_images():
+                self.analyze(example_images()[0], top_k=1)
         except AppInputError as error:
             return str(error)
         return None
