@@ -341,16 +341,14 @@ def propagate_labels(target: torch.Tensor, context_features: torch.Tensor, conte
         else:
             first_key, last_key = 0, height
         queries = target[first_row * width:last_row * width]  # (Q, D)
-        keys = context_features[:, first_key * width:last_key * width]  # (C, K, D)
-        similarity = torch.matmul(queries, keys.transpose(1, 2))  # (C, Q, K)
+        num_keys = (last_key - first_key) * width
+        keys = context_features[:, first_key * width:last_key * width].reshape(num_context * num_keys, -1)
+        similarity = queries @ keys.T  # (Q, C * K), context-major
         if neighborhood > 0:
             row_near = (rows[first_row:last_row, None] - rows[None, first_key:last_key]).abs() <= neighborhood
             column_near = (columns[:, None] - columns[None, :]).abs() <= neighborhood
-            near = (row_near[:, None, :, None] & column_near[None, :, None, :]).reshape(
-                (last_row - first_row) * width, (last_key - first_key) * width)
-            similarity.masked_fill_(~near, float("-inf"))
-        num_keys = similarity.shape[-1]
-        similarity = similarity.permute(1, 0, 2).reshape(queries.shape[0], num_context * num_keys)
+            near = (row_near[:, None, :, None] & column_near[None, :, None, :]).reshape(queries.shape[0], num_keys)
+            similarity.view(queries.shape[0], num_context, num_keys).masked_fill_(~near[:, None, :], float("-inf"))
         top_similarity, top_index = similarity.topk(min(topk, similarity.shape[1]), dim=1)  # (Q, k)
         weights = torch.softmax(top_similarity / temperature, dim=1)
         context_index = top_index // num_keys
@@ -383,7 +381,10 @@ def labels_to_ids(soft_labels: torch.Tensor, patch_size: int, original: tuple[in
     span = high - low
     normalised = torch.where(span > 0, (upsampled - low) / span.clamp_min(1e-12), torch.zeros_like(upsampled))
     normalised = torch.where(high > 0, normalised, upsampled)
-    ids = normalised.argmax(dim=0).to(torch.uint8).cpu().numpy()
+    if normalised.device.type == "cpu":  # numpy's argmax over channels is ~50x faster than torch's on CPU
+        ids = normalised.numpy().argmax(axis=0).astype(np.uint8)
+    else:
+        ids = normalised.argmax(dim=0).to(torch.uint8).cpu().numpy()
     return np.array(Image.fromarray(ids).resize((original[1], original[0]), Image.NEAREST))
 
 
