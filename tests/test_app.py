@@ -229,10 +229,9 @@ def test_command_line_rejects_bad_values_before_serving(tmp_path, capsys):
     assert "already in use" in capsys.readouterr().err
 
 
-def test_command_line_defaults_bind_localhost_without_share(monkeypatch):
-    from hf_dino.commands.app import Arguments
-
+def test_command_line_defaults_bind_localhost_without_share():
     from hf_dino.cli import parse_args
+    from hf_dino.commands.app import Arguments
 
     (args,) = parse_args(Arguments, argv=[])
     assert args.host == "127.0.0.1" and args.share is False and args.port == 7860

@@ -475,8 +475,9 @@ def build_app(model: str | None = None, gallery: str | None = None, threshold: f
                     scores = gr.JSON(label="neighbours", elem_id="scores")
         inputs = [image, model_box, threshold_slider, size_slider, top_k_slider]
         outputs = [status, mean_image, heads, mask_image, neighbours, scores]
-        button.click(demo.answer, inputs, outputs, api_name="analyze")
-        image.upload(demo.answer, inputs, outputs, api_visibility="private")
+        # one analysis at a time (one queue for both events): the CPU's cores go to one forward pass
+        button.click(demo.answer, inputs, outputs, api_name="analyze", concurrency_id="analyze")
+        image.upload(demo.answer, inputs, outputs, api_visibility="private", concurrency_id="analyze")
     page.dino_demo = demo
     return page
 
