@@ -41,7 +41,7 @@ class BenchmarkRunArguments:
             raise ValueError(f"--rounds {self.rounds}: must be >= 1")
 
 
-def main(argv=None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     settings, run = parse_args(BenchmarkSettings, BenchmarkRunArguments, argv=argv, description=__doc__)
     if run.quality_config and not run.reference_repo:
         usage_error("--quality_config needs --reference_repo")
@@ -55,7 +55,6 @@ def main(argv=None) -> dict:
         result["quality"] = compare_quality(run.quality_config, reference_repo, run.quality_epochs, run.quality_seeds,
                                             output_dir=run.quality_output_dir, num_threads=run.quality_num_threads)
     emit_json(result, run.output_json)
-    return result
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ class ConversionArguments:
         "help": "only for ViT widths other than 192/384/768"})
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     (args,) = parse_args(ConversionArguments, argv=argv, description=__doc__)
     if not Path(args.checkpoint).is_file():
         usage_error(f"--checkpoint {args.checkpoint}: no such file; give a reference .pth checkpoint")
@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> dict:
     converted = convert_reference_checkpoint(args.checkpoint, args.checkpoint_key, args.num_attention_heads)
     written = save_converted(converted, args.output_dir, args.checkpoint)
     print(json.dumps(written, indent=2))
-    return written
 
 
 if __name__ == "__main__":

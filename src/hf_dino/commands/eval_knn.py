@@ -62,7 +62,7 @@ class KnnArguments:
             raise ValueError(f"--num_workers {self.num_workers}: must be >= 0")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     args, data, image = parse_args(KnnArguments, DataArguments, EvaluationImageArguments, argv=argv,
                                    description=__doc__)
     if not args.model and not args.raw_pixels:
@@ -79,7 +79,6 @@ def main(argv: list[str] | None = None) -> dict:
         temperature=args.temperature, image_column=data.image_column, label_column=data.label_column,
         batch_size=args.batch_size, num_workers=args.num_workers, device=device, resize_ratio=image.resize_ratio)
     emit_json(result, args.output_json)
-    return result
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ class LinearProbeArguments:
             raise ValueError(f"--num_workers {self.num_workers}: must be >= 0")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     args, data, image = parse_args(LinearProbeArguments, DataArguments, EvaluationImageArguments, argv=argv,
                                    description=__doc__)
     logging.basicConfig(level=logging.INFO)
@@ -108,7 +108,6 @@ def main(argv: list[str] | None = None) -> dict:
                                        result)
         result["image_classifier"] = str(folder) if folder else None
     emit_json(result, args.output_json)
-    return result
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ class PlotMetricsArguments:
     log_scale_loss: bool = field(default=False, metadata={"help": "log scale for the loss panel"})
 
 
-def main(argv: list[str] | None = None) -> str:
+def main(argv: list[str] | None = None) -> None:
     (args,) = parse_args(PlotMetricsArguments, argv=argv, description=__doc__, positional="run")
     metrics = Path(args.run)
     if metrics.is_dir():
@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> str:
     output = args.output or str(metrics.with_name("metrics.png"))
     panels = plot_metrics(metrics, output, args.log_scale_loss)
     print(f"Wrote {output} ({', '.join(panels)})")
-    return output
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ import logging
 from ..recipe import DEFAULT_CONFIG, parse_recipe
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     recipe = parse_recipe(argv, default_config=DEFAULT_CONFIG, description=__doc__)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     from ..trainer import DinoTrainer
 
     results = DinoTrainer(recipe).train()
     logging.getLogger("hf_dino").info("Outputs in %s (steps: %d)", recipe.output_dir, results["global_step"])
-    return results
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ class PushArguments:
             raise ValueError(f"--hub_model_id {self.hub_model_id}: must be ORG/NAME")
 
 
-def main(argv: list[str] | None = None) -> bool:
+def main(argv: list[str] | None = None) -> None:
     (args,) = parse_args(PushArguments, argv=argv, description=__doc__, positional="output_dir")
     extra = {}
     for key, path in (("knn", args.knn_json), ("linear", args.linear_json)):
@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> bool:
         ok = ok and space_ok
     if not ok:
         sys.exit(1)
-    return ok
 
 
 if __name__ == "__main__":

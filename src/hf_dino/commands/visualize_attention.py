@@ -34,7 +34,7 @@ class AttentionArguments:
             raise ValueError(f"--image_size {self.image_size}: must be >= 1")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     (args,) = parse_args(AttentionArguments, argv=argv, description=__doc__)
     if not Path(args.image).is_file():
         usage_error(f"--image {args.image}: no such file")
@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> dict:
                "grid": list(attention.shape[1:]), "files": [str(path) for path in written],
                "mask_patches_per_head": masks.flatten(1).sum(1).tolist()}
     print(json.dumps(summary, indent=2))
-    return summary
 
 
 if __name__ == "__main__":
