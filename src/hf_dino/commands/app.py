@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> None:
         usage_error(f"--port {args.port}: already in use on {args.host}; choose another (e.g. --port {args.port + 1})")
     try:
         load_gallery(args.gallery, args.gallery_split, args.max_gallery_images)
-    except (FileNotFoundError, KeyError, ValueError) as error:
-        usage_error(f"--gallery {args.gallery}: {str(error).splitlines()[0]}")
+    except Exception as error:  # missing path, Hub unreachable, unknown split, unreadable files, ...
+        reason = error.args[0] if isinstance(error, KeyError) and error.args else str(error) or type(error).__name__
+        usage_error(f"--gallery {args.gallery or '(the embedded demo sample)'}: {str(reason).splitlines()[0]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     page = build_app(model=args.model, gallery=args.gallery, threshold=args.threshold,
                      gallery_split=args.gallery_split, max_gallery_images=args.max_gallery_images,
