@@ -26,7 +26,8 @@ class Parsed(Exception):
 
 
 def shell_lines(text: str):
-    """(line, variables) for each logical line of each fenced block and each inline code span."""
+    """(line, variables, inline) for each logical line of each fenced block and each inline code
+    span (an inline span naming a script without arguments is a reference, not a command)."""
     for block in re.findall(r"```(?:bash|sh|shell|console)?\n(.*?)```", text, flags=re.S):
         variables = {}
         for line in block.replace("\\\n", " ").splitlines():
@@ -35,16 +36,16 @@ def shell_lines(text: str):
             if assignment:
                 variables[assignment[1]] = " ".join(shlex.split(assignment[2]))
             elif line and not line.startswith("#"):
-                yield line, variables
+                yield line, variables, False
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     for span in re.findall(r"`([^`]+)`", prose):
-        yield " ".join(span.split()), {}
+        yield " ".join(span.split()), {}, True
 
 
 def documented_commands():
     found = []
     for document in DOCUMENTS:
-        for line, variables in shell_lines(document.read_text()):
+        for line, variables, inline in shell_lines(document.read_text()):
             for variable, value in variables.items():
                 line = line.replace(f"${variable}", value).replace(f"${{{variable}}}", value)
             for piece in re.split(r"&&|;|\|", line):
@@ -53,6 +54,8 @@ def documented_commands():
                     continue
                 name = match[1] or match[2].replace("-", "_")
                 arguments = piece[match.end():].strip()
+                if inline and not arguments:
+                    continue
                 if "--help" in arguments or "..." in arguments or arguments.startswith(("--help", "`")):
                     continue
                 for variant in expand(arguments):
