@@ -47,6 +47,7 @@ def test_every_console_script_names_a_command_with_main():
         assert (REPO / "scripts" / f"{module.rsplit('.', 1)[1]}.py").exists(), f"scripts/ mirror of {name}"
 
 
+@pytest.mark.slow
 def test_installed_wheel_runs_from_another_directory(wheel, tmp_path):
     environment = tmp_path / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(environment)
