@@ -105,3 +105,30 @@ def test_hub_ids_and_local_paths_are_told_apart():
     assert not looks_like_local_path("imagenet-1k") and not looks_like_local_path("ILSVRC/imagenet-1k")
     assert looks_like_local_path("./data") and looks_like_local_path("/data/x") and looks_like_local_path("a/b/c")
     assert looks_like_local_path("shards/*.parquet")
+
+
+def test_streamed_shards_are_split_between_processes(tmp_path):
+    """Two parquet shards of different lengths on 2 processes: each process streams its own shard
+    (by index in the stream: nothing read twice, nothing lost), in file order with a buffer of 1."""
+    import datasets
+
+    from hf_dino.data import StreamingMultiCropDataset
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    values = {0: list(range(6)), 1: list(range(100, 103))}
+    for shard, labels in values.items():
+        images = [{"bytes": encode(Image.new("RGB", (8, 8), (label % 256, 0, 0))), "path": None} for label in labels]
+        datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
+            str(tmp_path / f"train-0000{shard}-of-00002.parquet"))
+    stream = load_dataset_dict(str(tmp_path), streaming=True)["train"]
+    augmentation = MultiCropAugmentation(8, 8, global_crops_scale=(0.5, 1.0), local_crops_number=0)
+    for rank, labels in values.items():
+        dataset = StreamingMultiCropDataset(stream, augmentation, rank=rank, world_size=2, shuffle_buffer_size=1)
+        assert [row["label"] for row in dataset.dataset] == labels  # its own shard, in file order
+        samples = list(dataset)
+        assert len(samples) == len(labels) and all(len(sample["crops"]) == 2 for sample in samples)
+
+
+def test_collate_of_a_batch_without_any_decodable_image():
+    batch = collate_multicrop([{"crops": None, "index": 0}, {"crops": None, "index": 1}])
+    assert batch == {"crops": [], "num_skipped": 2, "skipped_indices": [0, 1]}

@@ -1,43 +1,307 @@
-"""Two CPU processes (gloo) give the loss trajectory of one process with the same global batch."""
+"""Training on several processes, run for real: 2 CPU processes (gloo) launched by `accelerate
+launch` (DDP, DeepSpeed ZeRO-2) or torchrun, each under a hard timeout that kills the whole
+process group, so that a hang fails the test instead of stalling CI.
+
+What runs for real here and what is simulated:
+- DDP: real (`accelerate launch --multi_gpu`, which forms a gloo group on a CPU machine).
+- DeepSpeed ZeRO-2 bf16: real (DeepSpeed's CPU accelerator with gloo; the student module is
+  bf16, the teacher fp32, as on GPUs). Skipped when deepspeed is not installed.
+- FSDP2: Accelerate prepares FSDP on GPUs only, so the two-process FSDP run forces Accelerate's
+  state to FSDP on CPU processes (`simulate_fsdp` in the worker); torch's FSDP2 itself (fully_shard,
+  DTensor shards, gloo collectives) runs for real.
+- SyncBatchNorm: torch runs it on GPUs only; tested as a conversion (tests/test_trainer.py).
+"""
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--arch", "vit_tiny", "--num_hidden_layers", "1", "--patch_size", "4", "--global_crop_size", "16",
-        "--local_crop_size", "8", "--local_crops_number", "2", "--out_dim", "64", "--head_hidden_dim", "32",
-        "--head_bottleneck_dim", "16", "--max_train_samples", "64", "--epochs", "2", "--warmup_epochs", "1",
-        "--lr", "0.005", "--num_workers", "0", "--logging_steps", "1", "--knn_eval_at_end", "false",
-        "--drop_path_rate", "0", "--use_bn_in_head", "false", "--num_threads", "1"]
+TINY = dict(arch="vit_tiny", num_hidden_layers=1, patch_size=4, global_crop_size=16, local_crop_size=8,
+            local_crops_number=2, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, max_train_samples=64,
+            epochs=2, warmup_epochs=1, lr=0.005, num_workers=0, logging_steps=1, knn_eval_at_end=False,
+            drop_path_rate=0.0, use_bn_in_head=False, num_threads=1, mixed_precision="no")
+
+# One training run on every process; each process writes report-rankR.json into the output folder.
+WORKER = r'''
+import json, logging, os, sys
+import torch
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+spec = json.loads(open(sys.argv[1]).read())
+import hf_dino.trainer as trainer_module
+from accelerate.utils import set_seed
+from hf_dino.recipe import DinoRecipe
+from hf_dino.trainer import DinoTrainer, build_student_and_teacher
+
+recipe = DinoRecipe(**spec["recipe"])
+ema = {"calls": 0, "max_relative_error": 0.0, "teacher_dtypes": set(), "student_dtypes": set()}
+if spec.get("check_ema"):
+    # the EMA the trainer applies, checked against the formula computed here in float64
+    original = trainer_module.ema_update
+
+    def checked_ema_update(teacher_parameters, student_parameters, momentum):
+        before = [t.detach().double().clone() for t in teacher_parameters]
+        students = [s.detach().double() for s in student_parameters]
+        ema["student_dtypes"].update(str(s.dtype) for s in student_parameters)
+        original(teacher_parameters, student_parameters, momentum)
+        for old, student, new in zip(before, students, teacher_parameters):
+            expected = momentum * old + (1 - momentum) * student
+            error = ((new.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
+            ema["max_relative_error"] = max(ema["max_relative_error"], error)
+            ema["teacher_dtypes"].add(str(new.dtype))
+        ema["calls"] += 1
+
+    trainer_module.ema_update = checked_ema_update
+
+trainer = DinoTrainer(recipe)
+if spec.get("simulate_fsdp"):
+    # Accelerate sets FSDP up on GPUs only: switch its (two shared) state objects to FSDP2 on CPUs
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    AcceleratorState().fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, reshard_after_forward=True, state_dict_type="SHARDED_STATE_DICT")
+    for shared in (AcceleratorState._shared_state, PartialState._shared_state):
+        shared["distributed_type"] = DistributedType.FSDP
+results = trainer.train()
+report = {"results": {k: v for k, v in results.items() if k != "train"},
+          "engine": str(trainer.accelerator.distributed_type), "num_processes": trainer.accelerator.num_processes,
+          "mixed_precision": trainer.accelerator.mixed_precision,
+          "ema": {k: sorted(v) if isinstance(v, set) else v for k, v in ema.items()}}
+if spec.get("check_frozen_last_layer"):
+    # the student's weights (bf16 under DeepSpeed bf16) against the initial weights built here
+    set_seed(recipe.seed)
+    initial, _ = build_student_and_teacher(recipe)
+    initial_parameters = dict(initial.named_parameters())
+    report["moved"] = {name: (parameter.float() - initial_parameters[name].to(parameter.dtype).float()).abs().max().item()
+                       for name, parameter in trainer.student.named_parameters() if parameter.requires_grad}
+rank = int(os.environ.get("RANK", "0"))
+with open(os.path.join(recipe.output_dir, f"report-rank{rank}.json"), "w") as handle:
+    json.dump(report, handle)
+'''
 
 
-def launch(output_dir: Path, num_processes: int, batch_size_per_device: int) -> list[dict]:
-    # `accelerate launch --multi_gpu` starts the processes with torchrun; on a machine without a GPU
-    # the trainer then forms a gloo group (Accelerate's `--cpu` launcher needs mpirun instead).
-    launcher = ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else ["--num_processes", "1"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "pretrain.py"), *TINY, "--batch_size_per_device", str(batch_size_per_device),
-               "--output_dir", str(output_dir)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+def run_with_timeout(command: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `command` in its own process group; on timeout kill the whole group (launcher and
+    workers) and fail: a hang must not outlive the test."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                   **(env or {})}
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command[:6])}... still running after {timeout} s (a hang):\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def train(tmp_path: Path, name: str, launcher: list[str], timeout: float = 240, **options) -> dict:
+    """Train with `launcher` (e.g. accelerate launch flags; [] = one plain process); returns
+    {"reports": per-rank reports, "metrics": metrics.jsonl lines, "dir": output folder}."""
+    output_dir = tmp_path / name
+    output_dir.mkdir(parents=True)
+    recipe = {**TINY, **options.pop("recipe", {}), "output_dir": str(output_dir)}
+    spec_file, worker = output_dir / "spec.json", tmp_path / "worker.py"
+    spec_file.write_text(json.dumps({"recipe": recipe, **options}))
+    worker.write_text(WORKER)
+    prefix = [sys.executable, "-m", "accelerate.commands.launch", *launcher] if launcher else [sys.executable]
+    completed = run_with_timeout([*prefix, str(worker), str(spec_file)], timeout)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    reports = [json.loads(path.read_text()) for path in sorted(output_dir.glob("report-rank*.json"))]
+    metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"reports": reports, "metrics": metrics, "dir": output_dir, "stderr": completed.stderr}
+
+
+DDP = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+       "--dynamo_backend", "no"]
+
+
+def final_state(run: dict, step: int) -> tuple[dict, dict]:
+    """(teacher weights, DINO loss state with the centre) of the run's checkpoint-STEP."""
+    checkpoint = run["dir"] / f"checkpoint-{step}"
+    return load_file(str(checkpoint / "teacher.safetensors")), load_file(str(checkpoint / "dino_loss.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """One process, batch 8: the reference for the two-process runs (16 steps)."""
+    return train(tmp_path_factory.mktemp("one"), "run", [], recipe=dict(batch_size_per_device=8,
+                                                                         checkpointing_steps=16))
+
+
+@pytest.fixture(scope="module")
+def two_process_ddp_run(tmp_path_factory):
+    """Two DDP processes, batch 4 each: the same global batches, checkpoints at steps 8 and 16."""
+    return train(tmp_path_factory.mktemp("two"), "run", DDP, recipe=dict(batch_size_per_device=4,
+                                                                          checkpointing_steps=8))
+
+
+# Tolerances of 2 x B vs 1 x 2B. The gradients differ by the order of fp32 sums only (DDP
+# averages two half-batch gradients), ~1e-7 relative; 16 AdamW steps at lr 3e-4 amplify that
+# where the second moment is tiny, measured at < 2e-6 on the teacher and the centre.
+LOSS_RTOL = 1e-4
+STATE_ATOL = 2e-5
+
+
+def assert_same_training(single: dict, double: dict) -> None:
+    assert [m["step"] for m in single["metrics"]] == [m["step"] for m in double["metrics"]] == list(range(1, 17))
+    for one, two in zip(single["metrics"], double["metrics"]):
+        assert two["lr"] == pytest.approx(one["lr"], rel=1e-12)  # lr scaled by the same global batch
+        assert two["loss"] == pytest.approx(one["loss"], rel=LOSS_RTOL), (one["step"], one["loss"], two["loss"])
+        assert two["teacher_entropy"] == pytest.approx(one["teacher_entropy"], rel=LOSS_RTOL)
+    teacher_one, loss_one = final_state(single, 16)
+    teacher_two, loss_two = final_state(double, 16)
+    assert teacher_one.keys() == teacher_two.keys()
+    for name, value in teacher_one.items():
+        torch.testing.assert_close(teacher_two[name], value, rtol=0, atol=STATE_ATOL, msg=name)
+    torch.testing.assert_close(loss_two["center"], loss_one["center"], rtol=0, atol=STATE_ATOL)
+    assert loss_one["center"].abs().max() > 100 * STATE_ATOL  # the centre moved: the comparison means something
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    single = launch(tmp_path / "one", num_processes=1, batch_size_per_device=8)
-    double = launch(tmp_path / "two", num_processes=2, batch_size_per_device=4)
-    assert [m["step"] for m in single] == [m["step"] for m in double] == list(range(1, 17))
-    for one, two in zip(single, double):
-        assert two["lr"] == pytest.approx(one["lr"], rel=1e-12)  # lr scaled by the same global batch
-        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-5), (one["step"], one["loss"], two["loss"])
-        assert two["teacher_entropy"] == pytest.approx(one["teacher_entropy"], rel=1e-4, abs=1e-5)
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(one_process_run, two_process_ddp_run):
+    assert two_process_ddp_run["reports"][0]["num_processes"] == 2
+    assert_same_training(one_process_run, two_process_ddp_run)
+    assert two_process_ddp_run["reports"][0]["results"]["images_per_process"] == [64, 64]  # 2 epochs x 32
+
+
+@pytest.mark.slow
+def test_resume_under_two_processes_is_exact(tmp_path, two_process_ddp_run):
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(two_process_ddp_run["dir"] / "checkpoint-8", resumed / "checkpoint-8")
+    run = train(tmp_path, "resumed/run", DDP, recipe=dict(batch_size_per_device=4, checkpointing_steps=8,
+                                                          resume_from_checkpoint=str(resumed / "checkpoint-8")))
+    assert [m["step"] for m in run["metrics"]] == list(range(9, 17))
+    expected_teacher, expected_loss = final_state(two_process_ddp_run, 16)
+    teacher, loss = final_state(run, 16)
+    for name, value in expected_teacher.items():
+        assert torch.equal(teacher[name], value), name
+    assert torch.equal(loss["center"], expected_loss["center"])
+    for uninterrupted, again in zip(two_process_ddp_run["metrics"][8:], run["metrics"], strict=True):
+        assert again["loss"] == uninterrupted["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "FSDP2 on 2 CPU processes (Accelerate's state forced to FSDP, see the module docstring): steps 1-2 "
+    "match the one-process run to 1e-7, the losses drift apart after the first update with a non-zero lr "
+    "(0.06% at step 3, 1-4% by step 16), with or without clipping and multi-crop; cause not yet found "
+    "(the optimizer step on DTensor shards is the suspect). Strict: a fix makes this test fail as xpass."))
+def test_fsdp2_two_processes_match_one_process(tmp_path, one_process_run):
+    run = train(tmp_path, "fsdp", DDP, simulate_fsdp=True, recipe=dict(batch_size_per_device=4, checkpointing_steps=16))
+    assert run["reports"][0]["engine"] == "DistributedType.FSDP"
+    assert_same_training(one_process_run, run)
+
+
+def write_uneven_streamed_shards(folder: Path) -> None:
+    """Two parquet shards: 24 images for process 0; 16 for process 1, the first 4 undecodable."""
+    import io
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    def png(value: int) -> dict:
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((20, 20, 3), value % 256, np.uint8)).save(buffer, "PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=2)})
+    shards = [[png(9 * i) for i in range(24)],
+              [{"bytes": b"not an image", "path": None}] * 4 + [png(7 * i + 3) for i in range(12)]]
+    folder.mkdir(parents=True)
+    for index, images in enumerate(shards):
+        datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(len(images))]},
+                                   features=features).to_parquet(str(folder / f"train-0000{index}-of-00002.parquet"))
+
+
+@pytest.mark.slow
+def test_streaming_uneven_shards_and_a_batch_of_bad_images_on_one_process(tmp_path):
+    """--max_train_samples 40 over 2 shards: process 0 streams 20 images (5 batches of 4),
+    process 1 streams 16 (4 batches), whose first batch holds only undecodable images. Both
+    processes must run the same steps: batch 0 skipped on both, batches 1-3 trained, process
+    0's fifth batch dropped; 3 steps per epoch, 2 epochs."""
+    write_uneven_streamed_shards(tmp_path / "data")
+    run = train(tmp_path, "run", DDP, recipe=dict(
+        dataset_name=str(tmp_path / "data"), streaming=True, shuffle_buffer_size=1, max_train_samples=40,
+        batch_size_per_device=4, checkpointing_steps=None))
+    reports = [report["results"] for report in run["reports"]]
+    assert len(reports) == 2
+    for results in reports:
+        assert results["global_step"] == 6
+        assert results["images_per_process"] == [24, 24]  # 3 batches of 4 per epoch on each process
+        assert results["num_skipped_batches"] == 2
+        assert results["num_skipped_images"] == 8  # the 4 broken images, in each of the 2 epochs
+    assert [m["step"] for m in run["metrics"]] == list(range(1, 7))
+    assert "images trained on per process: [12, 12]" in run["stderr"]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_bf16_two_processes(tmp_path):
+    """DeepSpeed ZeRO-2 with bf16 on 2 CPU processes: the student module is bf16, the teacher fp32
+    and updated by the EMA formula; the last layer does not move while frozen, though weight decay
+    is on. (The lr and weight decay are large so that a decay of the frozen layer, 1.9% over the 3
+    steps, would show in its bf16 weights, whose resolution is 0.4%.)"""
+    pytest.importorskip("deepspeed")
+    config = tmp_path / "deepspeed_zero2.yaml"
+    config.write_text((ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml").read_text()
+                      .replace("num_processes: 8", "num_processes: 2"))
+    run = train(tmp_path, "run", ["--config_file", str(config)], check_ema=True, check_frozen_last_layer=True,
+                recipe=dict(mixed_precision=None, batch_size_per_device=4, max_train_samples=32, max_steps=3,
+                            warmup_epochs=0, lr=0.5, weight_decay=0.4, weight_decay_end=0.4, freeze_last_layer=1,
+                            norm_last_layer=False, clip_grad=0.0))
+    for report in run["reports"]:
+        assert report["engine"] == "DistributedType.DEEPSPEED" and report["num_processes"] == 2
+        assert report["mixed_precision"] == "bf16"  # from the accelerate config: the recipe leaves it unset
+        assert report["results"]["global_step"] == 3
+        ema = report["ema"]
+        assert ema["calls"] == 3 and ema["student_dtypes"] == ["torch.bfloat16"] and ema["teacher_dtypes"] == ["torch.float32"]
+        assert ema["max_relative_error"] < 1e-6  # fp32 lerp against the float64 formula
+        moved = report["moved"]
+        last_layer = {name: value for name, value in moved.items() if ".last_layer." in name}
+        assert last_layer and all(value == 0.0 for value in last_layer.values()), last_layer
+        assert moved["head.mlp.0.weight"] > 1e-4  # the rest of the student trained
+
+
+AGREEMENT_WORKER = r'''
+import torch
+import torch.distributed as dist
+from hf_dino.trainer import agreed_batches
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+# images per batch; 0 = a batch of only undecodable images. Process 1: an all-bad batch, a partly
+# bad one, and a stream one batch shorter.
+per_process = {0: [2, 2, 2, 2, 2], 1: [2, 0, 1, 2]}
+batches = [{"crops": [torch.zeros(n, 3, 2, 2)] if n else []} for n in per_process[rank]]
+decisions = [(batch["crops"][0].shape[0] if batch["crops"] else 0, trainable)
+             for batch, trainable in agreed_batches(batches, num_processes=2)]
+print(f"DECISIONS {rank} {decisions}", flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_processes_agree_on_which_batches_to_train(tmp_path):
+    """Two gloo processes: a batch is trained only if every process has an image in it, and the
+    epoch ends when the shorter stream ends, on both processes alike."""
+    worker = tmp_path / "agreement.py"
+    worker.write_text(AGREEMENT_WORKER)
+    completed = run_with_timeout([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                  str(worker)], timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    decisions = dict(line.split(" ", 2)[1:] for line in completed.stdout.splitlines() if line.startswith("DECISIONS"))
+    assert decisions == {"0": "[(2, True), (2, False), (2, True), (2, True)]",
+                         "1": "[(2, True), (0, False), (1, True), (2, True)]"}
 
 
 SHARDED_WORKER = r'''
@@ -88,9 +352,8 @@ def test_clip_and_ema_on_fsdp2_shards_equal_the_unsharded_update(tmp_path):
     all-reduced shard norms and the shard-wise EMA give the full-tensor results."""
     worker = tmp_path / "worker.py"
     worker.write_text(SHARDED_WORKER)
-    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
-                                str(ROOT / "src")], capture_output=True, text=True, timeout=300,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    completed = run_with_timeout([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
+                                  str(ROOT / "src")], timeout=300)
     assert completed.returncode == 0 and "SHARDED OK" in completed.stdout, completed.stderr[-3000:]
 
 

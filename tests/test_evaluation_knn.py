@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -81,3 +82,102 @@ def test_topk_with_fewer_classes_than_k():
     scores = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
     result = topk_accuracy(scores, torch.tensor([0, 1]), (1, 5))
     assert result == {"top1": 0.0, "top5": 100.0}
+
+
+SHARDED_KNN_WORKER = r'''
+import json, sys
+import torch
+from accelerate import Accelerator
+from transformers import ViTModel
+from hf_dino.data import load_dataset_dict
+from hf_dino.evaluation.knn import knn_evaluate_splits
+
+accelerator = Accelerator(cpu=True)
+model = ViTModel.from_pretrained(sys.argv[1])
+splits = load_dataset_dict(sys.argv[2])
+result = knn_evaluate_splits(model, splits["train"], splits["test"], crop_size=16, ks=(3, 5), resize_ratio=1.0,
+                             batch_size=4, accelerator=accelerator)
+print(f"KNN {accelerator.process_index} {json.dumps(result)}", flush=True)
+'''
+
+
+def write_labelled_images(folder, sizes: dict[str, int], broken: dict[str, list[int]]) -> None:
+    """Parquet splits of small coloured PNGs (3 classes, colour follows the class), some broken."""
+    import io
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)})
+    folder.mkdir(parents=True)
+    for split, size in sizes.items():
+        labels = [i % 3 for i in range(size)]
+        images = []
+        for index, label in enumerate(labels):
+            if index in broken[split]:
+                images.append({"bytes": b"broken", "path": None})
+                continue
+            pixels = np.clip(rng.normal(60 + 60 * label, 40, (20, 20, 3)), 0, 255).astype(np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, "PNG")
+            images.append({"bytes": buffer.getvalue(), "path": None})
+        datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
+            str(folder / f"{split}.parquet"))
+
+
+@pytest.mark.slow
+def test_knn_sharded_over_two_processes_equals_one_process(tmp_path):
+    """Two gloo processes extract halves of the features (37 and 23 images, batches of 4: the
+    last global batches are evened out with repeated samples, which gather_for_metrics drops);
+    both get exactly the one-process result, undecodable images counted once."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import ViTConfig, ViTModel
+
+    from hf_dino.data import load_dataset_dict
+    from hf_dino.evaluation.knn import knn_evaluate_splits
+
+    write_labelled_images(tmp_path / "data", {"train": 37, "test": 23}, {"train": [5, 30], "test": [22]})
+    torch.manual_seed(0)
+    model = ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64), add_pooling_layer=False)
+    model.save_pretrained(tmp_path / "model")
+    splits = load_dataset_dict(str(tmp_path / "data"))
+    expected = knn_evaluate_splits(model.eval(), splits["train"], splits["test"], crop_size=16, ks=(3, 5),
+                                   resize_ratio=1.0, batch_size=4)
+    assert expected["num_train"] == 35 and expected["num_val"] == 22 and expected["num_skipped"] == 3
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(SHARDED_KNN_WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
+               str(tmp_path / "model"), str(tmp_path / "data")]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.communicate()
+        pytest.fail("the two-process k-NN hung")
+    assert process.returncode == 0, stderr[-3000:]
+    results = {line.split(" ", 2)[1]: json.loads(line.split(" ", 2)[2]) for line in stdout.splitlines()
+               if line.startswith("KNN ")}
+    assert set(results) == {"0", "1"}
+    for result in results.values():
+        assert {k: result[k] for k in ("num_train", "num_val", "num_skipped")} == {"num_train": 35, "num_val": 22,
+                                                                                   "num_skipped": 3}
+        assert result["per_k"] == {str(k): v for k, v in expected["per_k"].items()}
+
+
+def test_fixed_size_collate_keeps_undecodable_slots_as_label_minus_one():
+    from hf_dino.evaluation.knn import collate_labelled_fixed_size
+
+    good = {"pixel_values": torch.ones(3, 4, 4), "label": 2}
+    batch = collate_labelled_fixed_size([good, None, good], image_shape=(3, 4, 4))
+    assert batch["pixel_values"].shape == (3, 3, 4, 4) and batch["labels"].tolist() == [2, -1, 2]
+    assert batch["pixel_values"][1].abs().sum() == 0

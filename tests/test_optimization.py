@@ -1,14 +1,15 @@
 import torch
 from torch import nn
 
+from hf_dino.modeling_dino import DinoHead
 from hf_dino.optimization import (
     build_optimizer,
     cancel_last_layer_gradients,
     clip_gradients_per_parameter,
     ema_update,
     parameter_groups,
+    set_step_hyperparameters,
 )
-from hf_dino.modeling_dino import DinoHead
 
 
 def test_no_weight_decay_on_biases_and_norms():
@@ -62,3 +63,61 @@ def test_frozen_last_layer_is_not_updated_by_the_optimizer():
 def test_sgd_optimizer():
     optimizer = build_optimizer(nn.Linear(3, 3), "sgd", sgd_momentum=0.9)
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.9
+
+
+def test_ema_of_a_bf16_student_into_an_fp32_teacher_matches_the_formula():
+    """DeepSpeed bf16: the student module holds bf16 weights, the teacher stays fp32."""
+    generator = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(5, 3, generator=generator), torch.randn(7, generator=generator)]
+    student = [torch.randn(5, 3, generator=generator).bfloat16(), torch.randn(7, generator=generator).bfloat16()]
+    expected = [0.996 * t.double() + 0.004 * s.double() for t, s in zip(teacher, student)]
+    ema_update(teacher, student, momentum=0.996)
+    for value, formula in zip(teacher, expected):
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value.double(), formula, rtol=1e-6, atol=1e-7)
+
+
+def test_parameter_groups_tag_weight_decay_and_the_last_layer():
+    head = DinoHead(6, 10, 12, 4, norm_last_layer=False)
+    groups = parameter_groups(head)
+    names = {id(p): n for n, p in head.named_parameters()}
+    by_tags = {(g["apply_weight_decay"], g["last_layer"]): sorted(names[id(p)] for p in g["params"]) for g in groups}
+    assert by_tags == {
+        (True, False): ["mlp.0.weight", "mlp.2.weight", "mlp.4.weight"],
+        (False, False): ["mlp.0.bias", "mlp.2.bias", "mlp.4.bias"],
+        # the gain g is (K, 1): decayed, as the reference's weight_g
+        (True, True): ["last_layer.parametrizations.weight.original0", "last_layer.parametrizations.weight.original1"],
+    }
+    assert all(g["weight_decay"] == 0.0 for g in groups if not g["apply_weight_decay"])
+    assert len(parameter_groups(nn.Linear(3, 3))) == 2  # no last layer: no empty group
+
+
+def test_frozen_last_layer_stays_put_under_weight_decay_with_zeroed_gradients():
+    """DeepSpeed's situation: the last layer's gradients are zeros (not None) and AdamW's decoupled
+    weight decay would still shrink it; lr 0 for its groups keeps it exactly in place. Unfrozen,
+    with zero gradient and zero moments, AdamW's update is the decay alone: w <- w (1 - lr wd)."""
+    torch.manual_seed(0)
+    head = DinoHead(6, 10, 12, 4, norm_last_layer=False)
+    optimizer = build_optimizer(head, "adamw")
+    last_before = [p.detach().clone() for p in head.last_layer.parameters()]
+    mlp_before = head.mlp[0].weight.detach().clone()
+    for _ in range(2):
+        head(torch.randn(4, 6)).logsumexp(-1).sum().backward()
+        for parameter in head.last_layer.parameters():
+            parameter.grad.zero_()
+        set_step_hyperparameters(optimizer, lr=0.1, weight_decay=0.4, last_layer_frozen=True)
+        optimizer.step()
+        optimizer.zero_grad()
+    for before, after in zip(last_before, head.last_layer.parameters()):
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert not torch.equal(head.mlp[0].weight, mlp_before)
+    assert {g["weight_decay"] for g in optimizer.param_groups if g["apply_weight_decay"]} == {0.4}
+
+    direction = head.last_layer.parametrizations.weight.original1
+    before = direction.detach().clone()
+    head(torch.randn(4, 6)).logsumexp(-1).sum().backward()
+    for parameter in head.last_layer.parameters():
+        parameter.grad.zero_()
+    set_step_hyperparameters(optimizer, lr=0.1, weight_decay=0.4, last_layer_frozen=False)
+    optimizer.step()
+    torch.testing.assert_close(direction.detach(), before * (1 - 0.1 * 0.4), rtol=1e-6, atol=0)

@@ -27,8 +27,10 @@ def test_cosine_closed_form_points():
     assert cosine_schedule(0, 100, 0.04, 0.4) == pytest.approx(0.04)
     assert cosine_schedule(50, 100, 0.04, 0.4) == pytest.approx(0.22)
     assert cosine_schedule(99, 100, 0.04, 0.4) == pytest.approx(0.4 - 0.18 * (1 + np.cos(np.pi * 99 / 100)), rel=1e-12)
-    # teacher momentum 0.996 -> 1 ends just below 1 and never exceeds it
-    assert cosine_schedule(10_000, 100, 0.996, 1.0) <= 1.0
+    # teacher momentum 0.996 -> 1: its last step is just below 1, and steps past the end keep that value
+    last = 1.0 - 0.002 * (1 + np.cos(np.pi * 99 / 100))
+    assert cosine_schedule(99, 100, 0.996, 1.0) == pytest.approx(last, rel=1e-12) and last < 1.0
+    assert cosine_schedule(10_000, 100, 0.996, 1.0) == cosine_schedule(99, 100, 0.996, 1.0)
     # linear warm-up reaches the base value at its last step
     assert cosine_schedule(9, 100, 1e-3, 0.0, warmup_steps=10) == pytest.approx(1e-3)
     assert cosine_schedule(0, 100, 1e-3, 0.0, warmup_steps=10) == 0.0

@@ -78,10 +78,21 @@ def test_last_layer_is_frozen_during_the_first_epoch(tmp_path):
 
 
 def test_teacher_is_ema_of_student_and_gets_no_gradient(tmp_path):
-    trainer = DinoTrainer(tiny_recipe(tmp_path, max_steps=2, momentum_teacher=0.5))
+    """One step at a constant momentum m = 0.7: teacher_1 = m * teacher_0 + (1 - m) * student_1,
+    teacher_0 being the initial weights (the student's)."""
+    recipe = tiny_recipe(tmp_path, max_steps=1, momentum_teacher=0.7, momentum_teacher_end=0.7, warmup_epochs=0)
+    trainer = DinoTrainer(recipe)
     trainer.train()
     assert all(p.grad is None and not p.requires_grad for p in trainer.teacher.parameters())
-    assert any(not torch.equal(t, s) for t, s in zip(trainer.teacher.parameters(), trainer.student.parameters()))
+    set_seed(recipe.seed)
+    initial, _ = build_student_and_teacher(recipe)
+    initial_parameters, student_parameters = dict(initial.named_parameters()), dict(trainer.student.named_parameters())
+    moved = 0.0
+    for name, teacher_value in trainer.teacher.named_parameters():
+        expected = 0.7 * initial_parameters[name].double() + 0.3 * student_parameters[name].double()
+        torch.testing.assert_close(teacher_value.double(), expected, rtol=1e-6, atol=1e-7, msg=name)
+        moved = max(moved, (student_parameters[name] - initial_parameters[name]).abs().max().item())
+    assert moved > 1e-4  # the student did move: the formula is not satisfied by teacher == student
 
 
 def test_resume_from_checkpoint_is_exact(tmp_path):
@@ -119,9 +130,34 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):
         DinoTrainer(tiny_recipe(tmp_path)).train()
 
 
-def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
-    results = DinoTrainer(tiny_recipe(tmp_path, gradient_accumulation_steps=2, epochs=1)).train()
-    assert results["global_step"] == 2
+def test_gradient_accumulation_matches_the_big_batch(tmp_path):
+    """2 accumulated micro-batches of 4 == one batch of 8 (the same images: the seeded shuffle does
+    not depend on the batch size): same steps, losses, student and teacher, to fp32 summation
+    order. No warm-up and a teacher momentum of 0.5, so that both models move far from the start."""
+    overrides = dict(epochs=1, logging_steps=1, warmup_epochs=0, momentum_teacher=0.5, momentum_teacher_end=0.5)
+    big = DinoTrainer(tiny_recipe(tmp_path / "big", batch_size_per_device=8, **overrides))
+    big_results = big.train()
+    accumulated = DinoTrainer(tiny_recipe(tmp_path / "accumulated", batch_size_per_device=4,
+                                          gradient_accumulation_steps=2, **overrides))
+    accumulated_results = accumulated.train()
+    assert big_results["global_step"] == accumulated_results["global_step"] == 4
+    big_lines, accumulated_lines = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                                    for name in ("big", "accumulated"))
+    for one, two in zip(big_lines, accumulated_lines, strict=True):
+        assert two["lr"] == one["lr"] and two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    for model in ("student", "teacher"):
+        expected = getattr(big, model).state_dict()
+        for name, value in getattr(accumulated, model).state_dict().items():
+            if name.endswith("k_proj.bias"):
+                # softmax over keys ignores a bias shared by all keys: its true gradient is 0, and AdamW
+                # turns the rounding noise left in its place into full-size steps of either sign
+                continue
+            torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-5, msg=f"{model} {name}")
+    set_seed(big.recipe.seed)
+    initial, _ = build_student_and_teacher(big.recipe)
+    moved = max((big.teacher.state_dict()[name] - value).abs().max().item()
+                for name, value in initial.state_dict().items())
+    assert moved > 2e-4  # the tolerance above is under 1/20 of how far the teacher moved (3.4e-4)
 
 
 def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -450,3 +486,66 @@ def test_bf16_on_a_cpu_without_bf16_hardware_warns(tmp_path, fresh_accelerator_s
     with caplog.at_level("WARNING", logger="hf_dino.trainer"):
         DinoTrainer(tiny_recipe(tmp_path, mixed_precision="bf16"))
     assert "without bf16 matmul hardware" in caplog.text and "--mixed_precision no" in caplog.text
+
+
+def test_mixed_precision_unset_follows_the_launcher(tmp_path, fresh_accelerator_state, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` exports ACCELERATE_MIXED_PRECISION: an unset
+    recipe value takes it; a value in the recipe overrides it."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert DinoTrainer(tiny_recipe(tmp_path, mixed_precision=None)).accelerator.mixed_precision == "bf16"
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert DinoTrainer(tiny_recipe(tmp_path, mixed_precision="no")).accelerator.mixed_precision == "no"
+
+
+def test_batch_norms_become_synchronised_on_several_gpu_processes(caplog):
+    from hf_dino.trainer import synchronize_batch_norms
+
+    recipe = DinoRecipe(**{**tiny_recipe("unused").to_dict(), "use_bn_in_head": True})
+    student, teacher = build_student_and_teacher(recipe)
+
+    def batch_norm_types(model):
+        return {type(module).__name__ for module in model.modules() if "BatchNorm" in type(module).__name__}
+
+    assert batch_norm_types(student) == {"BatchNorm1d"}
+    same = synchronize_batch_norms(student, teacher, num_processes=1, device_type="cuda")
+    assert batch_norm_types(same[0]) == {"BatchNorm1d"}
+    with caplog.at_level("WARNING", logger="hf_dino.trainer"):
+        same = synchronize_batch_norms(student, teacher, num_processes=2, device_type="cpu")
+    assert batch_norm_types(same[0]) == {"BatchNorm1d"} and "SyncBatchNorm needs a GPU" in caplog.text
+    reference_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    synced_student, synced_teacher = synchronize_batch_norms(student, teacher, num_processes=2, device_type="cuda")
+    assert batch_norm_types(synced_student) == batch_norm_types(synced_teacher) == {"SyncBatchNorm"}
+    assert all(torch.equal(synced_teacher.state_dict()[k], v) for k, v in reference_state.items())
+
+
+def write_streamed_images(folder, num_bad_first: int, num_good: int) -> None:
+    """One parquet shard: `num_bad_first` undecodable images, then `num_good` PNGs."""
+    import io
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    def png(value):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((20, 20, 3), value % 256, np.uint8)).save(buffer, "PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    images = [{"bytes": b"not an image", "path": None}] * num_bad_first + [png(11 * i) for i in range(num_good)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=2)})
+    folder.mkdir(parents=True)
+    datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(len(images))]},
+                               features=features).to_parquet(str(folder / "train.parquet"))
+
+
+def test_a_batch_of_only_undecodable_images_is_skipped_and_counted(tmp_path):
+    write_streamed_images(tmp_path / "data", num_bad_first=8, num_good=24)  # batch 0 all bad (stream order)
+    recipe = tiny_recipe(tmp_path / "run", dataset_name=str(tmp_path / "data"), streaming=True, shuffle_buffer_size=1,
+                         max_train_samples=32, epochs=1, logging_steps=1)
+    results = DinoTrainer(recipe).train()
+    assert results["global_step"] == 3 and results["num_skipped_batches"] == 1  # 4 batches, the first skipped
+    assert results["num_skipped_images"] == 8 and results["images_per_process"] == [24]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3] and lines[-1]["num_skipped_batches"] == 1

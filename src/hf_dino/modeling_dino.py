@@ -247,6 +247,10 @@ class DinoModel(DinoPreTrainedModel):
     def is_vit(self) -> bool:
         return self.config.backbone_config.model_type == "vit"
 
+    def get_input_embeddings(self) -> nn.Module | None:
+        """The ViT's patch embedding; None for a ResNet (Accelerate's FSDP2 preparation asks)."""
+        return self.backbone.get_input_embeddings() if self.is_vit else None
+
     def backbone_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (B, 3, H, W) -> (B, D) features."""
         if self.is_vit:

@@ -11,18 +11,40 @@ from torch.distributed.tensor import DTensor
 
 
 def parameter_groups(model: nn.Module) -> list[dict]:
-    """Two groups, weight-decayed first: matrices / conv kernels, then biases and norm weights
-    (every 1-D parameter), which the reference excludes from weight decay. Frozen parameters
-    are left out."""
-    regularized, not_regularized = [], []
+    """Parameter groups, each tagged for the per-step schedules:
+
+    - "apply_weight_decay": matrices / conv kernels get the scheduled weight decay; biases and
+      norm weights (every 1-D parameter) get none, as in the reference;
+    - "last_layer": the head's last layer (`head.last_layer.*`), which the step freezes (lr 0)
+      during the first `freeze_last_layer` epochs. A separate group is what keeps it frozen under
+      DeepSpeed, whose optimizer applies weight decay even to zeroed gradients.
+
+    Frozen parameters are left out, and so are empty groups (DeepSpeed cannot flatten them).
+    """
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if name.endswith(".bias") or parameter.ndim <= 1:
-            not_regularized.append(parameter)
-        else:
-            regularized.append(parameter)
-    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+        apply_weight_decay = not (name.endswith(".bias") or parameter.ndim <= 1)
+        last_layer = ".last_layer." in f".{name}"
+        buckets.setdefault((apply_weight_decay, last_layer), []).append(parameter)
+    groups = []
+    for apply_weight_decay, last_layer in ((True, False), (False, False), (True, True), (False, True)):
+        params = buckets.get((apply_weight_decay, last_layer))
+        if params:
+            groups.append({"params": params, "apply_weight_decay": apply_weight_decay, "last_layer": last_layer,
+                           **({} if apply_weight_decay else {"weight_decay": 0.0})})
+    return groups
+
+
+def set_step_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float,
+                             last_layer_frozen: bool) -> None:
+    """This step's lr and weight decay on every group of `parameter_groups`: lr 0 for the last
+    layer while it is frozen (so neither the update nor the decoupled weight decay moves it),
+    weight decay only where it applies."""
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0 if (last_layer_frozen and group.get("last_layer")) else lr
+        group["weight_decay"] = weight_decay if group.get("apply_weight_decay", True) else 0.0
 
 
 def build_optimizer(model: nn.Module, name: str, sgd_momentum: float = 0.9) -> torch.optim.Optimizer:
@@ -68,16 +90,29 @@ def clip_gradients_per_parameter(parameters: Sequence[nn.Parameter], max_norm: f
 @torch.no_grad()
 def ema_update(teacher_parameters: Sequence[torch.Tensor], student_parameters: Sequence[torch.Tensor],
                momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, one foreach kernel.
+    """teacher <- momentum * teacher + (1 - momentum) * student, in the teacher's dtype (fp32).
 
     Under FSDP2 the teacher is sharded exactly like the student, so the update runs shard by
     shard on each process's local pieces: the EMA is element-wise, so updating the shards is
     updating the whole, with no gather and no communication. (Gathering the student's full
     parameters into a replicated teacher would cost an extra all-gather per step and a full
     teacher copy per GPU, which is what sharding is there to avoid.)
+
+    Under DeepSpeed bf16 the student module holds bf16 weights (the engine keeps the fp32
+    master copy, partitioned across processes under ZeRO-1/2) while the teacher stays fp32:
+    student tensors of another dtype are cast to the teacher's, one tensor at a time, and the
+    teacher is updated in fp32. The teacher then follows the bf16 rounding of the student's
+    weights; its error stays below the bf16 rounding of the weights (relative 2^-9) because an EMA
+    is a convex combination: it does not accumulate over steps.
     """
-    torch._foreach_lerp_([local_shard(p) for p in teacher_parameters],
-                         [local_shard(p.detach()) for p in student_parameters], 1.0 - momentum)
+    teachers = [local_shard(p) for p in teacher_parameters]
+    students = [local_shard(p.detach()) for p in student_parameters]
+    same_dtype = [t.dtype == s.dtype for t, s in zip(teachers, students)]
+    if all(same_dtype):
+        torch._foreach_lerp_(teachers, students, 1.0 - momentum)
+        return
+    for teacher, student, same in zip(teachers, students, same_dtype):
+        teacher.lerp_(student if same else student.to(teacher.dtype), 1.0 - momentum)
 
 
 def cancel_last_layer_gradients(head: nn.Module) -> None:

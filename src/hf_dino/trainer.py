@@ -21,12 +21,15 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch import nn
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -43,7 +46,13 @@ from .data import (
 from .evaluation import knn_evaluate_splits
 from .loss import DinoLoss
 from .modeling_dino import DinoModel, training_attention_implementation
-from .optimization import build_optimizer, cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update
+from .optimization import (
+    build_optimizer,
+    cancel_last_layer_gradients,
+    clip_gradients_per_parameter,
+    ema_update,
+    set_step_hyperparameters,
+)
 from .recipe import DinoRecipe
 from .schedules import cosine_schedule, teacher_temperature_schedule
 from .transforms import MultiCropAugmentation
@@ -83,6 +92,22 @@ def cpu_has_bf16_matmuls() -> bool:
     emulates bf16: on the AVX2-only AMD EPYC this project was built on, a bf16 matmul ran ~500x
     slower than fp32 (docs/BENCHMARKS.md)."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def cpu_process_group_arguments() -> dict:
+    """`Accelerator` arguments for several processes on a machine without a GPU (CI, tests).
+
+    Plain data parallelism (torchrun, or `accelerate launch --multi_gpu` there): Accelerate forms
+    a gloo group only when told to use the CPU (`cpu=True`). A DeepSpeed launch must keep its
+    engine, which `cpu=True` would replace by plain data parallelism: it gets the gloo backend
+    instead (without any, Accelerate would count a single process). Accelerate runs FSDP on GPUs
+    only: an FSDP launch on CPUs falls back to plain data parallelism. {} with a GPU or one process.
+    """
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
+        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {"cpu": True}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -155,6 +180,62 @@ def build_student_and_teacher(recipe: DinoRecipe, attn_implementation: str | Non
     return student, teacher
 
 
+# devices whose tensors torch's SyncBatchNorm synchronises (it refuses CPU tensors)
+SYNC_BATCH_NORM_DEVICES = ("cuda", "xpu", "hpu")
+
+
+def synchronize_batch_norms(student: nn.Module, teacher: nn.Module, num_processes: int,
+                            device_type: str) -> tuple[nn.Module, nn.Module]:
+    """With several processes, turn every BatchNorm of student and teacher (ResNet backbones,
+    `use_bn_in_head`) into a SyncBatchNorm, as the reference does: batch statistics over the
+    global batch, and teacher replicas whose running statistics stay identical. A no-op for one
+    process or a model without batch norm. torch's SyncBatchNorm runs only on GPU-like devices:
+    on several CPU processes each keeps per-process statistics (a warning says so)."""
+    has_batch_norms = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in student.modules())
+    if num_processes == 1 or not has_batch_norms:
+        return student, teacher
+    if device_type not in SYNC_BATCH_NORM_DEVICES:
+        logger.warning("Batch norms stay per-process on %s: torch's SyncBatchNorm needs a GPU", device_type)
+        return student, teacher
+    convert = nn.SyncBatchNorm.convert_sync_batchnorm
+    return convert(student), convert(teacher)
+
+
+def agreement_process_group():
+    """A gloo group over all processes for the small host-side agreements of the training loop
+    (which batches to train on, images per process): the default group when it is gloo already,
+    a new one otherwise (NCCL would need device tensors and a device synchronisation per step).
+    Collective: every process must call it."""
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def agreed_batches(batches: Iterable[dict], num_processes: int = 1, group=None) -> Iterator[tuple[dict, bool]]:
+    """(batch, trainable) for each batch of `batches` ({"crops": list of V tensors, possibly
+    empty}) while every process still has one.
+
+    With several processes, one all-reduce of two flags per batch (on `group`, a CPU gloo group:
+    no device synchronisation) makes every process take the same decision: the epoch ends as soon
+    as one process's data is exhausted (streamed shards of different lengths), and a batch is
+    trained on only if every process has at least one decodable image in it; otherwise every
+    process skips it alike, so no collective waits for a process that left the step.
+    Collective: every process must iterate it in step with the others.
+    """
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        has_batch = batch is not None
+        has_images = has_batch and len(batch["crops"]) > 0
+        if num_processes > 1:
+            flags = torch.tensor([int(has_batch), int(has_images)], dtype=torch.int32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+            has_batch, has_images = bool(flags[0]), bool(flags[1])
+        if not has_batch:
+            return
+        yield batch, has_images
+
+
 def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
     """Newest complete `checkpoint-STEP` folder (temporary `.tmp` folders are ignored)."""
     candidates = [path for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
@@ -183,15 +264,15 @@ class DinoTrainer:
         recipe.validate()
         self.recipe = recipe
         self.output_dir = Path(recipe.output_dir)
+        # mixed_precision None: whatever `accelerate launch --mixed_precision` / `accelerate config` says
+        precision = {} if recipe.mixed_precision is None else {"mixed_precision": recipe.mixed_precision}
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=recipe.mixed_precision,
+            **precision,
             gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-            log_with=recipe.report_to,
+            log_with=recipe.report_to_list() or None,
             project_dir=str(self.output_dir),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-            # Several processes without a GPU (torchrun, or `accelerate launch --multi_gpu` on a CPU
-            # machine): Accelerate only forms a gloo process group when told to use the CPU.
-            cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+            **cpu_process_group_arguments(),
         )
         if self.accelerator.device.type == "cpu":
             # `accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which halves a
@@ -199,12 +280,16 @@ class DinoTrainer:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes)))
             torch.set_num_threads(recipe.num_threads or max(1, cores // local_processes))
-            if recipe.mixed_precision == "bf16" and not cpu_has_bf16_matmuls():
+            if self.accelerator.mixed_precision == "bf16" and not cpu_has_bf16_matmuls():
                 logger.warning("mixed_precision bf16 on a CPU without bf16 matmul hardware (AVX512-BF16 or AMX): "
                                "bf16 is emulated here and can be far slower than fp32; use --mixed_precision no")
             if recipe.keep_freed_cpu_memory and keep_freed_cpu_memory():
                 logger.info("glibc malloc keeps freed memory for reuse (keep_freed_cpu_memory)")
-        self.num_skipped_images = 0
+        self.num_skipped_images = 0  # undecodable images, all processes together
+        self._skipped_images_here = 0  # ... found by this process since the last log
+        self.num_skipped_batches = 0  # steps skipped on every process: some process had no decodable image
+        self.images_per_process: list[int] = [0] * self.accelerator.num_processes  # images trained on
+        self._agreement_group = None  # gloo group for the per-batch agreement (set by train())
         self.student: DinoModel | None = None  # set by train(): unwrapped student and teacher
         self.teacher: DinoModel | None = None
         self.pusher = None  # main process with --push_to_hub: uploads in the background
@@ -217,7 +302,8 @@ class DinoTrainer:
     def _build_data(self):
         """Returns (all splits, training dataset, DataLoader, batches per epoch per process)."""
         recipe, accelerator = self.recipe, self.accelerator
-        dataset_dict = load_dataset_dict(recipe.dataset_name, streaming=recipe.streaming)
+        dataset_dict = load_dataset_dict(recipe.dataset_name, streaming=recipe.streaming,
+                                         config_name=recipe.dataset_config_name)
         train_split = select_split(dataset_dict, recipe.train_split)
         augmentation = MultiCropAugmentation(
             global_crop_size=recipe.global_crop_size, local_crop_size=recipe.local_crop_size,
@@ -238,6 +324,7 @@ class DinoTrainer:
                                  "pass --max_train_samples N (one epoch = N images).")
             train_dataset = StreamingMultiCropDataset(
                 train_split, augmentation, recipe.image_column, seed=recipe.seed,
+                shuffle_buffer_size=recipe.shuffle_buffer_size,
                 rank=accelerator.process_index, world_size=accelerator.num_processes)
             # Not prepared by Accelerate: the stream is already split across processes.
             dataloader = torch.utils.data.DataLoader(train_dataset, **loader_kwargs)
@@ -274,8 +361,10 @@ class DinoTrainer:
         dataset_dict, train_dataset, dataloader, batches_per_epoch = self._build_data()
 
         attention = training_attention_implementation(recipe.attn_implementation, accelerator.device.type,
-                                                      recipe.mixed_precision)
+                                                      accelerator.mixed_precision)
         student, teacher = build_student_and_teacher(recipe, attention)
+        student, teacher = synchronize_batch_norms(student, teacher, accelerator.num_processes,
+                                                   accelerator.device.type)
         if recipe.gradient_checkpointing:  # activations of each block are recomputed in the backward pass
             getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
         teacher.to(accelerator.device)
@@ -283,6 +372,8 @@ class DinoTrainer:
                              center_momentum=recipe.center_momentum).to(accelerator.device)
         student.to(accelerator.device)
         optimizer = build_optimizer(student, recipe.optimizer, recipe.sgd_momentum)
+        if self._deepspeed:
+            self._configure_deepspeed_batch()
         student, optimizer = accelerator.prepare(student, optimizer)
         teacher = self._prepare_teacher(teacher)
         unwrapped_student = accelerator.unwrap_model(student)
@@ -296,26 +387,33 @@ class DinoTrainer:
         self._last_layer_frozen = False
         if self._deepspeed and recipe.freeze_last_layer:
             # DeepSpeed reduces gradients into its own buffers during backward, so they cannot be
-            # dropped afterwards: zero the last layer's gradients as they are produced instead.
+            # dropped afterwards: zero the last layer's gradients as they are produced (so that Adam's
+            # moments stay zero), and its lr is 0 meanwhile (so that weight decay cannot move it).
             for parameter in unwrapped_student.head.last_layer.parameters():
                 if parameter.requires_grad:
                     parameter.register_hook(lambda grad: torch.zeros_like(grad) if self._last_layer_frozen else grad)
+        if accelerator.num_processes > 1:
+            self._agreement_group = agreement_process_group()
 
         global_batch = recipe.batch_size_per_device * accelerator.num_processes * recipe.gradient_accumulation_steps
         base_lr = recipe.lr * global_batch / 256.0  # linear scaling rule
         steps_per_epoch = batches_per_epoch // recipe.gradient_accumulation_steps
+        batches_per_epoch = steps_per_epoch * recipe.gradient_accumulation_steps  # whole steps only
         total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
         num_epochs = math.ceil(total_steps / steps_per_epoch)
 
-        global_step = 0
+        global_step, start_epoch, batches_to_skip = 0, 0, 0
         if recipe.resume_from_checkpoint:
-            global_step = self._load_checkpoint(recipe.resume_from_checkpoint, teacher, dino_loss)
+            global_step, start_epoch, batches_to_skip = self._load_checkpoint(
+                recipe.resume_from_checkpoint, teacher, dino_loss, steps_per_epoch)
+            if batches_to_skip >= batches_per_epoch:  # the checkpoint closed its epoch
+                start_epoch, batches_to_skip = start_epoch + 1, 0
         if accelerator.is_main_process:
             (self.output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
         accelerator.init_trackers("hf_dino", config={k: v for k, v in recipe.to_dict().items()
                                                      if isinstance(v, (int, float, str, bool))})
-        logger.info("DINO: global batch %d, %d steps/epoch, %d steps, base lr %.3g",
-                    global_batch, steps_per_epoch, total_steps, base_lr)
+        logger.info("DINO: global batch %d, %d steps/epoch, %d steps, base lr %.3g, mixed precision %s",
+                    global_batch, steps_per_epoch, total_steps, base_lr, accelerator.mixed_precision)
 
         progress = tqdm(total=total_steps, initial=global_step, desc="DINO", disable=not accelerator.is_local_main_process)
         window = {"loss": torch.zeros((), device=accelerator.device),
@@ -327,23 +425,31 @@ class DinoTrainer:
         student.train()
         teacher.train()  # as the reference: matters only for batch-norm heads / ResNet teachers
 
-        for epoch in range(global_step // steps_per_epoch, num_epochs):
+        for epoch in range(start_epoch, num_epochs):
             if global_step >= total_steps:
                 break
             train_dataset.set_epoch(epoch)
             if hasattr(dataloader, "set_epoch"):
                 dataloader.set_epoch(epoch)
-            batches_done = (global_step - epoch * steps_per_epoch) * recipe.gradient_accumulation_steps
+            batches_done = batches_to_skip if epoch == start_epoch else 0
             batches = dataloader
             if batches_done:  # resuming mid-epoch: the same order, without the batches already seen
                 batches = (itertools.islice(dataloader, batches_done, None) if recipe.streaming
                            else accelerator.skip_first_batches(dataloader, batches_done))
-            batches = itertools.islice(batches, steps_per_epoch * recipe.gradient_accumulation_steps - batches_done)
-            for batch in batches:
+            batches = itertools.islice(batches, batches_per_epoch - batches_done)
+            epoch_first_step, images_here = global_step, 0
+            for batch, trainable in agreed_batches(batches, accelerator.num_processes, self._agreement_group):
+                batches_done += 1
                 self._count_skipped(batch)
+                if not trainable:  # some process has no decodable image in its batch: all skip it
+                    self.num_skipped_batches += 1
+                    continue
                 crops = [crop.to(accelerator.device, non_blocking=True) for crop in batch["crops"]]
+                images_here += crops[0].shape[0]
                 schedule = self._schedule(global_step, epoch, total_steps, steps_per_epoch, base_lr)
                 self._last_layer_frozen = epoch < recipe.freeze_last_layer
+                # set before the backward pass: DeepSpeed steps its optimizer inside `accelerator.backward`
+                set_step_hyperparameters(optimizer, schedule.lr, schedule.weight_decay, self._last_layer_frozen)
                 with accelerator.accumulate(student):
                     with torch.no_grad(), accelerator.autocast():
                         teacher_logits = teacher_forward(crops[:2]).logits
@@ -357,9 +463,6 @@ class DinoTrainer:
                     window_images += crops[0].shape[0] * accelerator.num_processes
                     if not accelerator.sync_gradients:
                         continue
-                    for group in optimizer.param_groups:
-                        group["lr"] = schedule.lr
-                    optimizer.param_groups[0]["weight_decay"] = schedule.weight_decay
                     if recipe.clip_grad > 0 and not self._deepspeed:
                         accelerator.unscale_gradients()  # fp16: clip the true gradients, not the scaled ones
                         clip_gradients_per_parameter(trainable_parameters, recipe.clip_grad)
@@ -384,7 +487,8 @@ class DinoTrainer:
                                **dict(zip(window, values)), "lr": schedule.lr,
                                "weight_decay": schedule.weight_decay, "momentum": schedule.momentum,
                                "teacher_temp": schedule.teacher_temp, "img_per_s": window_images / elapsed,
-                               "num_skipped_images": self.num_skipped_images,
+                               "num_skipped_images": self._total_skipped_images(),
+                               "num_skipped_batches": self.num_skipped_batches,
                                "elapsed_s": time.perf_counter() - start_time}
                     self._check_finite(metrics["loss"], global_step - window_steps + 1, global_step)
                     if evaluate_now:
@@ -399,18 +503,26 @@ class DinoTrainer:
                 if recipe.checkpointing_steps and global_step % recipe.checkpointing_steps == 0:
                     if window_steps:  # steps since the last log: never checkpoint non-finite weights
                         self._check_finite(window["loss"].item(), global_step - window_steps + 1, global_step)
-                    self._save_checkpoint(global_step, epoch, teacher, dino_loss)
+                    self._save_checkpoint(global_step, epoch, batches_done, teacher, dino_loss)
                 if global_step >= total_steps:
                     break
+            self._end_epoch(epoch, images_here, global_step - epoch_first_step, steps_per_epoch)
         progress.close()
+        if global_step < total_steps:
+            logger.warning("Training ended at step %d of %d: an epoch ran short (a stream shorter than "
+                           "declared, or skipped batches); the schedules did not reach their end.",
+                           global_step, total_steps)
 
         results = {"train": last_metrics, "train_time_s": time.perf_counter() - start_time,
-                   "global_step": global_step}
+                   "global_step": global_step, "images_per_process": self.images_per_process,
+                   "num_skipped_images": self._total_skipped_images(),
+                   "num_skipped_batches": self.num_skipped_batches}
         accelerator.wait_for_everyone()
-        teacher = self._exportable_teacher(teacher)
+        self._align_teacher_buffers(teacher)
+        teacher = self._exportable_teacher(teacher, on_every_process=recipe.knn_eval_at_end)
+        if recipe.knn_eval_at_end:  # every process extracts a shard of the features
+            results["knn"] = self.evaluate_knn(teacher, dataset_dict)
         if accelerator.is_main_process:
-            if recipe.knn_eval_at_end:
-                results["knn"] = self.evaluate_knn(teacher, dataset_dict)
             self._save_final(teacher, results)
         # The DDP wrapper's reducer holds the process group. Free it on every rank while all ranks are
         # still alive (the barrier below waits for all): freed after a peer has exited, gloo's
@@ -421,6 +533,57 @@ class DinoTrainer:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return results
+
+    # ------------------------------------------------------------------ several processes
+    def _end_epoch(self, epoch: int, images_here: int, steps: int, steps_per_epoch: int) -> None:
+        """Count the images each process trained on in this epoch and log them."""
+        counts = torch.tensor([images_here], dtype=torch.long)
+        if self.accelerator.num_processes > 1:
+            gathered = [torch.zeros_like(counts) for _ in range(self.accelerator.num_processes)]
+            dist.all_gather(gathered, counts, group=self._agreement_group)
+            counts = torch.cat(gathered)
+        self.images_per_process = [total + int(count) for total, count in zip(self.images_per_process, counts)]
+        if steps < steps_per_epoch:
+            logger.warning("Epoch %d ran %d of %d steps (data exhausted on a process, or %d skipped batches so far)",
+                           epoch, steps, steps_per_epoch, self.num_skipped_batches)
+        if self.accelerator.is_main_process:
+            logger.info("Epoch %d: %d steps; images trained on per process: %s", epoch, steps, counts.tolist())
+
+    def _total_skipped_images(self) -> int:
+        """Undecodable images met so far by all processes together (collective with several)."""
+        if self.accelerator.num_processes > 1:
+            here = torch.tensor([self._skipped_images_here], dtype=torch.long)
+            dist.all_reduce(here, group=self._agreement_group)
+            self._skipped_images_here = 0
+            self.num_skipped_images += int(here)
+        else:
+            self.num_skipped_images += self._skipped_images_here
+            self._skipped_images_here = 0
+        return self.num_skipped_images
+
+    def _configure_deepspeed_batch(self) -> None:
+        """DeepSpeed needs its micro-batch before the model is prepared (the DataLoader is prepared
+        separately), and its gradient accumulation must be the recipe's."""
+        plugin = self.accelerator.state.deepspeed_plugin
+        config = plugin.deepspeed_config
+        if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            config["train_micro_batch_size_per_gpu"] = self.recipe.batch_size_per_device
+        # derived from the above (Accelerate may have filled in a value without the process count)
+        config["train_batch_size"] = (config["train_micro_batch_size_per_gpu"] * self.accelerator.num_processes
+                                      * self.recipe.gradient_accumulation_steps)
+        accumulation = config.get("gradient_accumulation_steps", "auto")
+        if accumulation not in ("auto", self.recipe.gradient_accumulation_steps):
+            raise ValueError(f"The DeepSpeed config's gradient_accumulation_steps ({accumulation}) differs from "
+                             f"the recipe's ({self.recipe.gradient_accumulation_steps}); set both to the same value")
+
+    def _align_teacher_buffers(self, teacher: DinoModel) -> None:
+        """Batch-norm running statistics of a teacher whose batch norms are not synchronised (several
+        CPU processes) differ per process: take process 0's before evaluating and saving."""
+        if self.accelerator.num_processes == 1 or self._fsdp:
+            return
+        for buffer in teacher.buffers():
+            if buffer.is_floating_point() or buffer.dtype == torch.long:
+                dist.broadcast(buffer.data, src=0)
 
     # ------------------------------------------------------------------ engines
     @property
@@ -457,19 +620,26 @@ class DinoTrainer:
             if not accelerator.is_fsdp2:
                 raise ValueError("hf_dino needs FSDP version 2 (`fsdp_version: 2` in the accelerate config): "
                                  "the shard-wise EMA works on per-parameter shards")
-            return accelerator.prepare_model(teacher)
+            # `prepare_model` refuses FSDP2 (it wants an optimizer); the student's own preparation function
+            # shards the teacher with the same auto-wrap policy and mesh, hence the same shard layout
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            return fsdp2_prepare_model(accelerator, teacher)
         return teacher
 
-    def _exportable_teacher(self, teacher: DinoModel) -> DinoModel:
+    def _exportable_teacher(self, teacher: DinoModel, on_every_process: bool = False) -> DinoModel:
         """A plain, unsharded `DinoModel` with the teacher's weights (collective under FSDP: every
-        process must call it); the teacher itself otherwise."""
+        process must call it): on the main process, or on every process with `on_every_process`
+        (for a sharded evaluation); the teacher itself when it is not sharded."""
         if not self._fsdp:
             return teacher
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(teacher, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # full_state_dict + cpu_offload: only rank 0 receives the tensors; without offload, every rank
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not on_every_process)
+        state = get_model_state_dict(teacher, options=options)
         plain = DinoModel(self.accelerator.unwrap_model(teacher).config)
-        if self.accelerator.is_main_process:
+        if on_every_process or self.accelerator.is_main_process:
             plain.load_state_dict(state)
         return plain.to(self.accelerator.device)
 
@@ -483,9 +653,9 @@ class DinoTrainer:
 
     def _count_skipped(self, batch: dict) -> None:
         if batch["num_skipped"]:
-            if self.num_skipped_images < 5:
+            if self.num_skipped_images + self._skipped_images_here < 5:
                 logger.warning("Skipped undecodable image(s) at dataset index %s", ", ".join(map(str, batch["skipped_indices"])))
-            self.num_skipped_images += batch["num_skipped"]
+            self._skipped_images_here += batch["num_skipped"]
 
     def _log(self, metrics: dict) -> None:
         self.accelerator.log(metrics, step=metrics["step"])
@@ -493,9 +663,12 @@ class DinoTrainer:
             with open(self.output_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(metrics) + "\n")
 
-    def _save_checkpoint(self, step: int, epoch: int, teacher: DinoModel, dino_loss: DinoLoss) -> Path:
-        """Write `checkpoint-STEP/` atomically: into `checkpoint-STEP.tmp`, then rename."""
+    def _save_checkpoint(self, step: int, epoch: int, batches_in_epoch: int, teacher: DinoModel,
+                         dino_loss: DinoLoss) -> Path:
+        """Write `checkpoint-STEP/` atomically: into `checkpoint-STEP.tmp`, then rename.
+        `batches_in_epoch`: batches of `epoch` consumed so far, skipped ones included."""
         accelerator = self.accelerator
+        num_skipped_images = self._total_skipped_images()
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
         temporary = self.output_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
         if accelerator.is_main_process and temporary.exists():
@@ -506,7 +679,9 @@ class DinoTrainer:
         if accelerator.is_main_process:
             save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(temporary / TEACHER_FILE))
             save_file(dino_loss.state_dict(), str(temporary / LOSS_STATE_FILE))
-            state = {"global_step": step, "epoch": epoch, "num_skipped_images": self.num_skipped_images}
+            state = {"global_step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                     "num_skipped_images": num_skipped_images, "num_skipped_batches": self.num_skipped_batches,
+                     "images_per_process": self.images_per_process}
             (temporary / TRAINER_STATE_FILE).write_text(json.dumps(state))
             if self.pusher is not None:
                 from .hub import save_teacher_backbone
@@ -531,33 +706,46 @@ class DinoTrainer:
         for old in checkpoints[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def _load_checkpoint(self, checkpoint: str, teacher: DinoModel, dino_loss: DinoLoss) -> int:
+    def _safetensors_device(self) -> str:
+        """The device as safetensors names it ("cpu", not Accelerate's "cpu:0" of CPU processes)."""
+        device = self.accelerator.device
+        return "cpu" if device.type == "cpu" else str(device)
+
+    def _load_checkpoint(self, checkpoint: str, teacher: DinoModel, dino_loss: DinoLoss,
+                         steps_per_epoch: int) -> tuple[int, int, int]:
+        """Restore a checkpoint; returns (global step, epoch, batches of that epoch already consumed)."""
         path = find_latest_checkpoint(self.output_dir) if checkpoint == "latest" else Path(checkpoint)
         if path is None:
             logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting from scratch",
                            self.output_dir)
-            return 0
+            return 0, 0, 0
         if not (path / TRAINER_STATE_FILE).exists():
             raise FileNotFoundError(f"{path} is not a complete hf_dino checkpoint (no {TRAINER_STATE_FILE}).")
         self.accelerator.load_state(str(path))  # under FSDP this restores the (prepared) teacher's shards too
         if not self._fsdp:
-            teacher.load_state_dict(load_file(str(path / TEACHER_FILE), device=str(self.accelerator.device)))
-        dino_loss.load_state_dict(load_file(str(path / LOSS_STATE_FILE), device=str(self.accelerator.device)))
+            teacher.load_state_dict(load_file(str(path / TEACHER_FILE), device=self._safetensors_device()))
+        dino_loss.load_state_dict(load_file(str(path / LOSS_STATE_FILE), device=self._safetensors_device()))
         state = json.loads((path / TRAINER_STATE_FILE).read_text())
         self.num_skipped_images = state["num_skipped_images"]
-        logger.info("Resumed from %s at step %d", path, state["global_step"])
-        return state["global_step"]
+        self.num_skipped_batches = state.get("num_skipped_batches", 0)
+        if len(state.get("images_per_process", [])) == self.accelerator.num_processes:
+            self.images_per_process = state["images_per_process"]
+        step = state["global_step"]
+        epoch = state.get("epoch", step // steps_per_epoch)
+        # checkpoints without `batches_in_epoch` come from runs where every epoch had all its steps
+        batches_in_epoch = state.get("batches_in_epoch",
+                                     (step - epoch * steps_per_epoch) * self.recipe.gradient_accumulation_steps)
+        logger.info("Resumed from %s at step %d", path, step)
+        return step, epoch, batches_in_epoch
 
     def _online_knn(self, teacher: DinoModel, dataset_dict) -> dict:
-        """k-NN of the teacher during training (main process): {"knn_top1", "knn_top5"} or {}."""
-        result = {}
-        teacher = self._exportable_teacher(teacher)
-        if self.accelerator.is_main_process:
-            knn = self.evaluate_knn(teacher, dataset_dict)
-            if knn is not None:
-                result = {"knn_top1": knn["top1"], "knn_top5": knn["top5"]}
-        self.accelerator.wait_for_everyone()
-        return result
+        """k-NN of the teacher during training, every process extracting a shard of the features:
+        {"knn_top1", "knn_top5"} or {}."""
+        teacher = self._exportable_teacher(teacher, on_every_process=True)
+        was_training = teacher.training
+        knn = self.evaluate_knn(teacher, dataset_dict)
+        teacher.train(was_training)
+        return {} if knn is None else {"knn_top1": knn["top1"], "knn_top5": knn["top5"]}
 
     def evaluate_knn(self, teacher: DinoModel, dataset_dict) -> dict | None:
         """Weighted k-NN of the teacher backbone: train split as memory bank, held-out split as queries."""
@@ -575,10 +763,12 @@ class DinoTrainer:
             teacher, train_split, val_split, crop_size=recipe.global_crop_size, ks=(recipe.knn_k,),
             temperature=recipe.knn_temperature, image_column=recipe.image_column, label_column=recipe.label_column,
             num_workers=recipe.num_workers, device=self.accelerator.device,
-            max_train_samples=recipe.knn_max_train_samples)
+            max_train_samples=recipe.knn_max_train_samples,
+            accelerator=self.accelerator if self.accelerator.num_processes > 1 else None)
         knn["split"] = str(getattr(val_split, "split", None) or recipe.val_split)  # after the fallback
-        print(f"k-NN (k={recipe.knn_k}, T={recipe.knn_temperature}) of the teacher on {knn['num_val']} held-out "
-              f"images: top-1 {knn['top1']:.2f}%, top-5 {knn['top5']:.2f}%")
+        if self.accelerator.is_main_process:
+            print(f"k-NN (k={recipe.knn_k}, T={recipe.knn_temperature}) of the teacher on {knn['num_val']} held-out "
+                  f"images: top-1 {knn['top1']:.2f}%, top-5 {knn['top5']:.2f}%")
         return knn
 
     def _save_final(self, teacher: DinoModel, results: dict) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .features import extract_features
+from .features import backbone_cls_features, extract_features
 from .metrics import topk_accuracy
 
 
@@ -49,16 +49,64 @@ def knn_evaluate(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     return results
 
 
+def collate_labelled_fixed_size(samples: list[dict | None], image_shape: tuple[int, int, int]) -> dict:
+    """Like `collate_labelled`, but of a fixed batch size, so that batches can be gathered across
+    processes: an undecodable image becomes zeros with label -1.
+    {"pixel_values": (B, 3, S, S), "labels": (B,) with -1 for undecodable images}."""
+    pixel_values = torch.stack([sample["pixel_values"] if sample is not None else torch.zeros(image_shape)
+                                for sample in samples])
+    labels = torch.tensor([sample["label"] if sample is not None else -1 for sample in samples], dtype=torch.long)
+    return {"pixel_values": pixel_values, "labels": labels}
+
+
+@torch.no_grad()
+def extract_features_sharded(model: nn.Module, dataset: torch.utils.data.Dataset, accelerator, image_shape,
+                             batch_size: int = 256, num_workers: int = 0,
+                             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`extract_features` split across the processes of `accelerator` (an `accelerate.Accelerator`):
+    each process runs the model over its share of the batches, and `gather_for_metrics` puts
+    every batch together on every process (dropping the samples repeated to even out the last
+    batches). Collective: every process must call it. Returns (features (N, D) L2-normalised
+    float32 on the CPU, labels (N,), number of undecodable images), the same on every process."""
+    from accelerate.data_loader import prepare_data_loader
+    from functools import partial
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=partial(collate_labelled_fixed_size, image_shape=image_shape))
+    # Sharded without registering with the Accelerator (its checkpoints list the training loader only).
+    loader = prepare_data_loader(loader, num_processes=accelerator.num_processes,
+                                 process_index=accelerator.process_index, put_on_device=False, even_batches=True)
+    was_training = model.training
+    model.eval()
+    features, labels = [], []
+    for batch in loader:
+        output = nn.functional.normalize(backbone_cls_features(model, batch["pixel_values"].to(device)).float(), dim=-1)
+        batch_features, batch_labels = accelerator.gather_for_metrics((output, batch["labels"].to(output.device)))
+        features.append(batch_features.cpu())
+        labels.append(batch_labels.cpu())
+    model.train(was_training)
+    features, labels = torch.cat(features), torch.cat(labels)
+    decodable = labels >= 0
+    if not decodable.any():
+        raise ValueError("No decodable image in the evaluation data.")
+    return features[decodable], labels[decodable], int((~decodable).sum())
+
+
 def knn_evaluate_splits(model: nn.Module, train_split, val_split, *, crop_size: int, ks: Sequence[int] = (20,),
                         temperature: float = 0.07, image_column: str = "image", label_column: str = "label",
                         batch_size: int = 256, num_workers: int = 0, device: torch.device | str = "cpu",
                         max_train_samples: int | None = None, chunk_size: int = 1024,
-                        resize_ratio: float = 256 / 224) -> dict:
+                        resize_ratio: float = 256 / 224, accelerator=None) -> dict:
     """k-NN of a frozen model: `train_split` (a 🤗 `Dataset`) is the memory bank, `val_split` the
     queries, both resized to crop_size * resize_ratio and centre-cropped to crop_size (the
     reference's 256/224 by default; 1.0 keeps whole low-resolution images such as CIFAR's).
     Returns the `eval_knn` contract: {"top1", "top5", "k", "temperature", "num_train",
-    "num_val", "num_skipped"} for the first k, plus {"per_k": {k: {"top1", "top5"}}}."""
+    "num_val", "num_skipped"} for the first k, plus {"per_k": {k: {"top1", "top5"}}}.
+
+    With an `accelerate.Accelerator` of several processes (`accelerator`), every process extracts
+    a shard of the features and all of them get the gathered features and the same result (no
+    long phase on one process while the others wait in a collective); the k-NN scoring itself
+    runs on every process. Collective then: every process must call it."""
     from ..data import LabelledImageDataset, collate_labelled
     from ..transforms import evaluation_transform
 
@@ -66,14 +114,22 @@ def knn_evaluate_splits(model: nn.Module, train_split, val_split, *, crop_size: 
         train_split = train_split.select(range(min(max_train_samples, len(train_split))))
     transform = evaluation_transform(crop_size, resize_ratio)
     extracted = {}
+    sharded = accelerator is not None and accelerator.num_processes > 1
     for name, split in (("train", train_split), ("val", val_split)):
-        loader = torch.utils.data.DataLoader(
-            LabelledImageDataset(split, transform, image_column, label_column), batch_size=batch_size,
-            num_workers=num_workers, collate_fn=collate_labelled)
+        dataset = LabelledImageDataset(split, transform, image_column, label_column)
+        if sharded:
+            extracted[name] = extract_features_sharded(model, dataset, accelerator, (3, crop_size, crop_size),
+                                                       batch_size, num_workers, device)
+            continue
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                             collate_fn=collate_labelled)
         extracted[name] = extract_features(model, loader, device, f"k-NN {name} features")
     label_feature = (train_split.features or {}).get(label_column)
     num_classes = getattr(label_feature, "num_classes", None)
     (train_features, train_labels, train_skipped), (val_features, val_labels, val_skipped) = extracted.values()
+    if sharded:  # the gathered features are on the CPU; score where the model runs
+        train_features, val_features = train_features.to(device), val_features.to(device)
+        train_labels, val_labels = train_labels.to(device), val_labels.to(device)
     per_k = knn_evaluate(train_features, train_labels, val_features, val_labels, ks=ks, temperature=temperature,
                          num_classes=num_classes, chunk_size=chunk_size)
     first = per_k[ks[0]]
