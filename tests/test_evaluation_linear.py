@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from transformers import ViTConfig, ViTModel
@@ -175,9 +177,10 @@ def test_eval_linear_command_writes_a_pipeline_ready_classifier_with_the_dataset
 
     model_dir = tmp_path / "backbone"
     tiny_vit().save_pretrained(model_dir)
-    result = main(["--model", str(model_dir), "--max_train_samples", "64", "--max_val_samples", "16", "--epochs", "1",
-                   "--batch_size", "32", "--num_workers", "0", "--n_last_blocks", "1", "--avgpool_patchtokens", "false",
-                   "--no_augmentation", "--output_dir", str(tmp_path / "probe")])
+    main(["--model", str(model_dir), "--max_train_samples", "64", "--max_val_samples", "16", "--epochs", "1",
+          "--batch_size", "32", "--num_workers", "0", "--n_last_blocks", "1", "--avgpool_patchtokens", "false",
+          "--no_augmentation", "--output_dir", str(tmp_path / "probe"), "--output_json", str(tmp_path / "probe.json")])
+    result = json.loads((tmp_path / "probe.json").read_text())
     assert result["image_classifier"] == str(tmp_path / "probe")
     demo = load_dataset_dict(None)
     names = demo["train"].features["label"].names

@@ -268,3 +268,16 @@ def test_read_annotation_binary_and_palette(tmp_path):
     ids, palette, is_binary = read_annotation(tmp_path / "indexed.png")
     assert not is_binary and ids.tolist() == [[0, 1], [2, 0]]  # 255 = void -> background, as the toolkit
     assert palette[1].tolist() == [1, 2, 3]
+
+
+@pytest.mark.slow
+@needs_davis
+def test_whole_sequence_at_480p(tmp_path):
+    """car-shadow, all 40 frames at 480p (832 x 480 network input, 854 x 480 PNGs)."""
+    result = evaluate_davis(tiny_vit(), DAVIS, tmp_path, sequences=["car-shadow"], progress=False)
+    written = sorted((tmp_path / "car-shadow").glob("*.png"))
+    assert len(written) == 40 and result["frames"] == 39
+    assert all(Image.open(p).size == (854, 480) and Image.open(p).mode == "P" for p in written[::13])
+    first = np.array(Image.open(DAVIS / "Annotations" / "480p" / "car-shadow" / "00000.png")) == 255
+    np.testing.assert_array_equal(np.array(Image.open(written[0])), first)
+    assert result["unscored_sequences"] == [] and 0 <= result["J&F-Mean"] <= 100

@@ -113,9 +113,21 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
 
 
 def test_save_total_limit_and_latest(tmp_path):
-    DinoTrainer(tiny_recipe(tmp_path, checkpointing_steps=2, save_total_limit=2)).train()
+    from transformers.trainer_utils import get_last_checkpoint
+
+    trainer = DinoTrainer(tiny_recipe(tmp_path, checkpointing_steps=2, save_total_limit=2))
+    trainer.train()
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
     assert find_latest_checkpoint(tmp_path).name == "checkpoint-8"
+    (tmp_path / "checkpoint-10.tmp").mkdir()  # an interrupted write is not a checkpoint
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-8")
+    # each checkpoint holds the teacher backbone as a plain transformers folder (here: the final teacher)
+    backbone = AutoModel.from_pretrained(tmp_path / "checkpoint-8" / "teacher_backbone")
+    assert type(backbone) is ViTModel
+    teacher_state = trainer.teacher.backbone.state_dict()
+    for name, value in backbone.state_dict().items():
+        if not name.startswith("pooler."):
+            assert torch.equal(value, teacher_state[name]), name
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):

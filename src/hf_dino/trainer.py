@@ -237,10 +237,14 @@ def agreed_batches(batches: Iterable[dict], num_processes: int = 1, group=None) 
 
 
 def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """Newest complete `checkpoint-STEP` folder (temporary `.tmp` folders are ignored)."""
-    candidates = [path for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-                  if path.is_dir() and path.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return max(candidates, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]), default=None)
+    """Newest complete `checkpoint-STEP` folder, as transformers' `get_last_checkpoint` finds it
+    (the `checkpoint-STEP.tmp` folder of an interrupted write does not match its pattern)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not Path(output_dir).is_dir():
+        return None
+    latest = get_last_checkpoint(str(output_dir))
+    return Path(latest) if latest else None
 
 
 @dataclass
@@ -665,7 +669,9 @@ class DinoTrainer:
 
     def _save_checkpoint(self, step: int, epoch: int, batches_in_epoch: int, teacher: DinoModel,
                          dino_loss: DinoLoss) -> Path:
-        """Write `checkpoint-STEP/` atomically: into `checkpoint-STEP.tmp`, then rename.
+        """Write `checkpoint-STEP/` atomically: into `checkpoint-STEP.tmp`, then rename. It holds
+        Accelerate's state (student, optimizer, RNG, data position), the teacher and the centre
+        (safetensors), `trainer_state.json`, and `teacher_backbone/` (a transformers model folder).
         `batches_in_epoch`: batches of `epoch` consumed so far, skipped ones included."""
         accelerator = self.accelerator
         num_skipped_images = self._total_skipped_images()
@@ -683,10 +689,11 @@ class DinoTrainer:
                      "num_skipped_images": num_skipped_images, "num_skipped_batches": self.num_skipped_batches,
                      "images_per_process": self.images_per_process}
             (temporary / TRAINER_STATE_FILE).write_text(json.dumps(state))
-            if self.pusher is not None:
-                from .hub import save_teacher_backbone
+            # the teacher backbone as a transformers folder: AutoModel.from_pretrained loads it, and it
+            # is pushed to the Hub as is
+            from .hub import save_teacher_backbone
 
-                save_teacher_backbone(teacher, temporary / "teacher_backbone", self.recipe, {"global_step": step})
+            save_teacher_backbone(teacher, temporary / "teacher_backbone", self.recipe, {"global_step": step})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(temporary, final)

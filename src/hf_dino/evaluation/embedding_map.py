@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,7 +78,7 @@ def plot_embedding_map(coordinates: np.ndarray, labels: Sequence[int], class_nam
                      label=names[int(label)] if int(label) < len(names) else str(label), linewidths=0)
     axes.set_xticks([])
     axes.set_yticks([])
-    axes.set_title(title, fontsize=11)
+    axes.set_title(textwrap.fill(title, 70), fontsize=11)  # a long title wraps instead of running off the image
     if len(present) <= 30:
         axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, markerscale=3,
                     fontsize=9, title="class")
