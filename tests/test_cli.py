@@ -47,3 +47,24 @@ def test_eval_linear_contract(tiny_backbone, tmp_path):
     assert {"top1", "top5", "best_top1", "best_epoch", "lr", "per_lr"} <= set(result)
     assert (result["num_train"], result["num_val"], result["n_last_blocks"]) == (128, 64, 2)
     assert (tmp_path / "probe" / "linear_classifier.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", ["eval_knn", "eval_linear", "visualize_attention"])
+def test_a_model_that_cannot_be_loaded_is_one_usage_error(command, tmp_path, capsys):
+    """A --model that does not exist: exit code 2, one line naming --model, nothing written."""
+    import importlib
+
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    missing = tmp_path / "no_such_model"
+    extra = {"visualize_attention": ["--image", str(tmp_path / "photo.png"), "--output_dir", str(tmp_path / "out")],
+             "eval_linear": ["--output_json", str(tmp_path / "out" / "r.json")],
+             "eval_knn": ["--output_json", str(tmp_path / "out" / "r.json")]}[command]
+    main = importlib.import_module(f"hf_dino.commands.{command}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(missing), *extra])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: --model {missing}: ") and message.count("\n") == 1, message
+    assert not (tmp_path / "out").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import emit_json, model_field, parse_args, usage_error
+from ..cli import emit_json, load_model_or_exit, model_field, parse_args, usage_error
 
 
 @dataclass
@@ -55,7 +55,6 @@ class CopyDetectionArguments:
 def main(argv: list[str] | None = None) -> None:
     (args,) = parse_args(CopyDetectionArguments, argv=argv, description=__doc__)
     from ..evaluation.copy_detection import evaluate_copy_detection, read_layout
-    from ..evaluation.features import load_frozen_backbone
     from ..evaluation.search import UnreadableImageError, faiss_available, list_images, model_fingerprint
 
     if not Path(args.data_path).is_dir():
@@ -72,10 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.search_backend == "faiss" and not faiss_available():
         usage_error("--search_backend faiss: faiss is not installed; pip install 'hf_dino[faiss]' or use torch")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model, _ = load_frozen_backbone(args.model, device)
-    except (OSError, ValueError) as error:
-        usage_error(f"--model {args.model}: {str(error).splitlines()[0]}")
+    model, _ = load_model_or_exit(args.model, device)
     if getattr(getattr(model, "backbone", model).config, "model_type", None) != "vit":
         usage_error(f"--model {args.model}: copy detection needs a ViT (CLS and patch tokens)")
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import emit_json, model_field, parse_args, usage_error
+from ..cli import emit_json, load_model_or_exit, model_field, parse_args, usage_error
 
 
 @dataclass
@@ -46,7 +46,6 @@ class RetrievalArguments:
 
 def main(argv: list[str] | None = None) -> None:
     (args,) = parse_args(RetrievalArguments, argv=argv, description=__doc__)
-    from ..evaluation.features import load_frozen_backbone
     from ..evaluation.retrieval import dataset_files, evaluate_retrieval
     from ..evaluation.search import UnreadableImageError, model_fingerprint
 
@@ -59,10 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as error:  # missing gnd / images, unsafe or malformed pickle
         usage_error(str(error))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model, _ = load_frozen_backbone(args.model, device)
-    except (OSError, ValueError) as error:
-        usage_error(f"--model {args.model}: {str(error).splitlines()[0]}")
+    model, _ = load_model_or_exit(args.model, device)
     try:
         result = evaluate_retrieval(model, args.data_path, args.dataset, imsize=args.imsize,
                                     multiscale=args.multiscale, device=device, num_workers=args.num_workers,

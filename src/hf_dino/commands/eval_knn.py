@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cli import DataArguments, emit_json, load_evaluation_splits, model_field, parse_args, usage_error
-from ..evaluation import RawPixels, knn_evaluate_splits, load_frozen_backbone
+from ..cli import (DataArguments, emit_json, load_evaluation_splits, load_model_or_exit,
+                   model_field, parse_args, usage_error)
+from ..evaluation import RawPixels, knn_evaluate_splits
 
 
 @dataclass
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.raw_pixels:
         model, native_size = RawPixels(), 32
     else:
-        model, native_size = load_frozen_backbone(args.model, device, random_init=args.random_init, seed=args.seed)
+        model, native_size = load_model_or_exit(args.model, device, random_init=args.random_init, seed=args.seed)
     train_split, val_split = load_evaluation_splits(data)
     result = knn_evaluate_splits(
         model, train_split, val_split, crop_size=image.image_size or native_size, ks=args.k,

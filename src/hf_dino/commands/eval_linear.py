@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..cli import DataArguments, emit_json, load_evaluation_splits, model_field, parse_args
+from ..cli import DataArguments, emit_json, load_evaluation_splits, load_model_or_exit, model_field, parse_args
 from ..data import LabelledImageDataset, collate_labelled
-from ..evaluation import load_frozen_backbone
 from ..evaluation.linear import LinearProbeConfig, class_names, save_image_classifier, train_linear_probe
 from ..transforms import evaluation_transform, linear_probe_train_transform
 from .eval_knn import EvaluationImageArguments
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
                                    description=__doc__)
     logging.basicConfig(level=logging.INFO)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, native_size = load_frozen_backbone(args.model, device, random_init=args.random_init, seed=args.seed)
+    model, native_size = load_model_or_exit(args.model, device, random_init=args.random_init, seed=args.seed)
     image_size = image.image_size or native_size
     train_split, val_split = load_evaluation_splits(data)
     num_classes = getattr(train_split.features.get(data.label_column), "num_classes", None)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import emit_json, model_field, parse_args, usage_error
+from ..cli import emit_json, load_model_or_exit, model_field, parse_args, usage_error
 from ..evaluation.video_segmentation import (DavisInputError, PropagationSettings, evaluate_davis, image_set_names,
                                              load_sequence, video_backbone)
 
@@ -82,12 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         usage_error(str(error))
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    from ..evaluation.features import load_frozen_backbone
 
-    try:
-        model, _ = load_frozen_backbone(args.model, device)
-    except (OSError, ValueError) as error:
-        usage_error(f"--model {args.model}: {str(error).splitlines()[0]}")
+    model, _ = load_model_or_exit(args.model, device)
     try:
         video_backbone(model)
     except ValueError as error:

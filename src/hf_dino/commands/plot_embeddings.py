@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..cli import DataArguments, emit_json, load_evaluation_splits, model_field, parse_args, usage_error
+from ..cli import (DataArguments, emit_json, load_evaluation_splits, load_model_or_exit,
+                   model_field, parse_args, usage_error)
 
 
 @dataclass
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..data import LabelledImageDataset, collate_labelled
     from ..evaluation.embedding_map import (MissingBackendError, embed_2d, map_quality, plot_embedding_map,
                                             subsample_indices)
-    from ..evaluation.features import extract_features, load_frozen_backbone
+    from ..evaluation.features import extract_features
     from ..transforms import evaluation_transform
 
     if args.method == "umap":
@@ -73,10 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(split) < 3:
         usage_error(f"--dataset_name {data_args.dataset_name}: {len(split)} image(s); a map needs at least 3")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model, native_size = load_frozen_backbone(args.model, device)
-    except (OSError, ValueError) as error:
-        usage_error(f"--model {args.model}: {str(error).splitlines()[0]}")
+    model, native_size = load_model_or_exit(args.model, device)
     transform = evaluation_transform(args.image_size or native_size, args.resize_ratio)
     loader = torch.utils.data.DataLoader(
         LabelledImageDataset(split, transform, data_args.image_column, data_args.label_column),

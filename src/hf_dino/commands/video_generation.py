@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cli import emit_json, model_field, parse_args, usage_error
+from ..cli import emit_json, load_model_or_exit, model_field, parse_args, usage_error
 
 
 @dataclass
@@ -50,17 +50,16 @@ def main(argv: list[str] | None = None) -> None:
     (args,) = parse_args(Arguments, argv=argv, description=__doc__)
     from ..attention import vit_backbone
     from ..attention_video import VideoInputError, generate_attention_video, open_video
-    from ..evaluation.features import load_frozen_backbone
 
     try:
         open_video(args.input, args.fps)
     except VideoInputError as error:
         usage_error(f"--input {args.input}: {error}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_model_or_exit(args.model, device)
     try:
-        model, _ = load_frozen_backbone(args.model, device)
         vit_backbone(model)
-    except (OSError, ValueError) as error:
+    except ValueError as error:
         usage_error(f"--model {args.model}: {str(error).splitlines()[0]}")
     try:
         summary = generate_attention_video(model, args.input, args.output_dir, args.threshold, args.fps, args.resize,

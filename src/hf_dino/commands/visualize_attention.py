@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli import model_field, parse_args, usage_error
+from ..cli import load_model_or_exit, model_field, parse_args, usage_error
 
 
 @dataclass
@@ -44,14 +44,13 @@ def main(argv: list[str] | None = None) -> None:
     from ..attention import (attention_mass_masks, last_block_cls_attention, save_attention_figures,
                              upsample_to_image, vit_backbone)
     from ..data import decode_image
-    from ..evaluation import load_frozen_backbone
     from ..transforms import evaluation_transform
 
     image = decode_image(args.image)
     if image is None:
         usage_error(f"--image {args.image}: cannot be decoded as an image")
     logging.basicConfig(level=logging.INFO)
-    model, native_size = load_frozen_backbone(args.model)
+    model, native_size = load_model_or_exit(args.model, "cpu")
     patch = vit_backbone(model).config.patch_size
     size = (args.image_size or native_size) // patch * patch
     shown = A.Compose([A.SmallestMaxSize(max_size=size, interpolation=cv2.INTER_CUBIC),
