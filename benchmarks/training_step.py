@@ -127,7 +127,7 @@ def build_hf_dino_step(settings: BenchmarkSettings, device: str):
     from hf_dino.loss import DinoLoss
     from hf_dino.modeling_dino import training_attention_implementation
     from hf_dino.optimization import build_optimizer, clip_gradients_per_parameter, ema_update
-    from hf_dino.trainer import build_student_and_teacher
+    from hf_dino.student_teacher import build_student_and_teacher
 
     recipe = _step_recipe(settings)
     attention = training_attention_implementation(settings.attn_implementation, device, settings.mixed_precision)

@@ -40,7 +40,8 @@ spec = json.loads(open(sys.argv[1]).read())
 import hf_dino.trainer as trainer_module
 from accelerate.utils import set_seed
 from hf_dino.recipe import DinoRecipe
-from hf_dino.trainer import DinoTrainer, build_student_and_teacher
+from hf_dino.student_teacher import build_student_and_teacher
+from hf_dino.trainer import DinoTrainer
 
 recipe = DinoRecipe(**spec["recipe"])
 ema = {"calls": 0, "max_relative_error": 0.0, "teacher_dtypes": set(), "student_dtypes": set()}

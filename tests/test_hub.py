@@ -120,7 +120,7 @@ def test_failed_push_is_reported_not_raised(tmp_path, caplog, monkeypatch):
 
 def tiny_teacher_backbone(tmp_path):
     from hf_dino.hub import save_teacher_backbone
-    from hf_dino.trainer import build_student_and_teacher
+    from hf_dino.student_teacher import build_student_and_teacher
 
     recipe = DinoRecipe(arch="vit_tiny", patch_size=8, num_hidden_layers=2, global_crop_size=32, local_crop_size=16,
                         out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16)

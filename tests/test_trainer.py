@@ -11,7 +11,8 @@ import hf_dino  # noqa: F401
 from hf_dino.loss import DinoLoss, DinoLossOutput
 from hf_dino.modeling_dino import DinoModel
 from hf_dino.recipe import DinoRecipe
-from hf_dino.trainer import DinoTrainer, NonFiniteLossError, build_student_and_teacher, find_latest_checkpoint
+from hf_dino.student_teacher import build_student_and_teacher
+from hf_dino.trainer import DinoTrainer, NonFiniteLossError, find_latest_checkpoint
 
 METRIC_KEYS = {"step", "epoch", "loss", "lr", "weight_decay", "momentum", "teacher_temp", "img_per_s",
                "teacher_entropy", "kl_student_teacher"}
@@ -209,32 +210,6 @@ def test_streaming_run(tmp_path):
     assert results["global_step"] == 4
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 4]
-
-
-def test_init_backbone_starts_student_and_teacher_from_a_vitmodel(tmp_path):
-    from hf_dino.configuration_dino import build_backbone_config
-
-    torch.manual_seed(5)
-    source = ViTModel(build_backbone_config("vit_tiny", 4, 64, num_hidden_layers=1))  # other grid, with pooler
-    source.save_pretrained(tmp_path / "released")
-    recipe = tiny_recipe(tmp_path / "run", init_backbone=str(tmp_path / "released"))
-    student, teacher = build_student_and_teacher(recipe)
-    for name, value in source.state_dict().items():
-        if not name.startswith("pooler."):
-            assert torch.equal(student.backbone.state_dict()[name], value), name
-            assert torch.equal(teacher.backbone.state_dict()[name], value), name
-    assert student.config.backbone_config.image_size == 64  # 16 px crops interpolate the 16x16 grid
-    assert student(torch.randn(2, 3, 16, 16)).logits.shape == (2, 64)
-
-
-def test_init_backbone_of_another_architecture_is_a_clear_error(tmp_path):
-    from hf_dino.configuration_dino import build_backbone_config
-
-    ViTModel(build_backbone_config("vit_small", 4, 16, num_hidden_layers=1)).save_pretrained(tmp_path / "small")
-    with pytest.raises(ValueError, match="hidden_size: checkpoint 384 vs recipe 192"):
-        build_student_and_teacher(tiny_recipe(tmp_path / "run", init_backbone=str(tmp_path / "small")))
-    with pytest.raises(ValueError, match="init_backbone .* does not exist"):
-        tiny_recipe(tmp_path / "run", init_backbone=str(tmp_path / "nowhere")).validate()
 
 
 @pytest.mark.parametrize("fail", [False, True])
@@ -561,3 +536,102 @@ def test_a_batch_of_only_undecodable_images_is_skipped_and_counted(tmp_path):
     assert results["num_skipped_images"] == 8 and results["images_per_process"] == [24]
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3] and lines[-1]["num_skipped_batches"] == 1
+
+
+# ---------------------------------------------------------------------------- the loop's named parts
+def two_batches_of_crops(seed: int = 0) -> list[list[torch.Tensor]]:
+    """Two batches of 4 images: 2 global crops of 16 px and 2 local crops of 8 px each."""
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(4, 3, size, size, generator=generator) for size in (16, 16, 8, 8)] for _ in range(2)]
+
+
+def test_training_step_accumulates_then_steps_the_student_teacher_and_centre(tmp_path):
+    """Gradient accumulation 2: the first batch only accumulates (no model moves); the second
+    completes the step: the student moves, except its last layer in a frozen epoch; the teacher
+    becomes m * teacher_0 + (1 - m) * student_1; the centre becomes 0.9 * 0 + 0.1 * the mean
+    teacher output over both batches' global crops, computed here with a copy of teacher_0."""
+    import copy
+
+    recipe = tiny_recipe(tmp_path, gradient_accumulation_steps=2, batch_size_per_device=4, warmup_epochs=0,
+                         momentum_teacher=0.7, momentum_teacher_end=0.7, freeze_last_layer=1, norm_last_layer=False)
+    trainer = DinoTrainer(recipe)
+    run = trainer.set_up()
+    run.student.train(), run.teacher.train()
+    student_0 = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    teacher_0 = copy.deepcopy(run.teacher)
+    batches = two_batches_of_crops()
+    schedule = trainer.schedule(run, epoch=0)
+    assert schedule.momentum == 0.7 and schedule.teacher_temp == recipe.warmup_teacher_temp
+
+    output, stepped = trainer.training_step(run, batches[0], schedule, epoch=0)
+    assert not stepped and math.isfinite(output.loss.item())
+    for name, value in trainer.student.state_dict().items():
+        assert torch.equal(value, student_0[name]), name
+    for name, value in run.teacher.state_dict().items():
+        assert torch.equal(value, teacher_0.state_dict()[name]), name
+    assert torch.equal(run.dino_loss.center, torch.zeros(1, recipe.out_dim))
+
+    _, stepped = trainer.training_step(run, batches[1], schedule, epoch=0)
+    assert stepped
+    student_1 = trainer.student.state_dict()
+    assert not torch.equal(student_1["head.mlp.0.weight"], student_0["head.mlp.0.weight"])
+    last_layer = "head.last_layer.parametrizations.weight.original1"
+    assert torch.equal(student_1[last_layer], student_0[last_layer])  # frozen in epoch 0
+    for name, value in run.teacher.named_parameters():
+        expected = 0.7 * teacher_0.state_dict()[name].double() + 0.3 * student_1[name].double()
+        torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-7, msg=name)
+    with torch.no_grad():
+        teacher_outputs = torch.cat([teacher_0(crops[:2]).logits for crops in batches])  # (2 batches x 2 crops x 4, K)
+    torch.testing.assert_close(run.dino_loss.center, 0.1 * teacher_outputs.mean(0, keepdim=True), rtol=1e-5, atol=1e-7)
+
+
+def test_schedule_scales_the_learning_rate_by_the_global_batch(tmp_path):
+    """base lr = lr * global batch / 256 (global batch = 4 per process x 2 accumulated = 8); without
+    warm-up the lr at step s of n is min + (base - min) (1 + cos(pi s / n)) / 2; the teacher
+    temperature warms up per epoch: 0.04 at epoch 0, 0.07 from epoch 1 (warm-up of 2 epochs)."""
+    recipe = tiny_recipe(tmp_path, gradient_accumulation_steps=2, batch_size_per_device=4, warmup_epochs=0,
+                         lr=0.0128, min_lr=1e-6, warmup_teacher_temp_epochs=2)
+    trainer = DinoTrainer(recipe)
+    run = trainer.set_up()
+    assert (run.global_batch, run.steps_per_epoch, run.total_steps) == (8, 4, 8)
+    assert run.base_lr == pytest.approx(0.0128 * 8 / 256)
+    run.global_step = 3
+    schedule = trainer.schedule(run, epoch=0)
+    expected = 1e-6 + (0.0004 - 1e-6) * (1 + math.cos(math.pi * 3 / 8)) / 2
+    assert schedule.lr == pytest.approx(expected, rel=1e-12)
+    assert schedule.teacher_temp == pytest.approx(0.04)
+    assert trainer.schedule(run, epoch=1).teacher_temp == pytest.approx(0.07)
+
+
+def test_logging_evaluation_and_checkpoints_fall_due_at_their_steps(tmp_path):
+    from types import SimpleNamespace
+
+    trainer = DinoTrainer(tiny_recipe(tmp_path, logging_steps=3, eval_every=4, checkpointing_steps=5))
+
+    def due(check):
+        return [step for step in range(1, 11) if check(SimpleNamespace(global_step=step, total_steps=10))]
+
+    assert due(trainer.logging_due) == [3, 6, 9, 10]  # and at the last step
+    assert due(trainer.evaluation_due) == [4, 8]  # never at the last step: the final evaluation follows
+    assert due(trainer.checkpoint_due) == [5, 10]
+    never = DinoTrainer(tiny_recipe(tmp_path))  # eval_every and checkpointing_steps unset
+    assert due(never.evaluation_due) == due(never.checkpoint_due) == []
+
+
+def test_metrics_window_averages_over_steps_and_accumulated_batches():
+    """Two steps of two accumulated batches with losses (1, 3) and (5, 7): per-step means 2 and 6,
+    window mean 4; entropies all 0.5; 4 batches of 8 images."""
+    from accelerate import Accelerator
+
+    from hf_dino.trainer import MetricsWindow
+
+    window = MetricsWindow(torch.device("cpu"))
+    for losses in ((1.0, 3.0), (5.0, 7.0)):
+        for loss in losses:
+            window.add(DinoLossOutput(torch.tensor(loss), torch.tensor(0.5), torch.tensor(loss / 10)), 8, 2)
+        window.steps += 1
+    assert window.means(Accelerator(cpu=True)) == pytest.approx(
+        {"loss": 4.0, "teacher_entropy": 0.5, "kl_student_teacher": 0.4})
+    assert window.images == 32
+    window.reset()
+    assert (window.steps, window.images, window.sums["loss"].item()) == (0, 0, 0.0)

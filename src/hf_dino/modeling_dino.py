@@ -2,6 +2,10 @@
 
 Shapes use B = images per crop, V = number of crops (views), D = backbone feature width,
 K = `config.out_dim`.
+
+transformers saves this file (and the files it imports relatively) with every `DinoModel` as its
+remote code: it imports nothing of hf_dino but `configuration_dino`. Building a recipe's student
+and teacher lives beside it, in `student_teacher.py`.
 """
 
 from __future__ import annotations

@@ -8,11 +8,16 @@ One optimizer step:
   5. EMA of the student into the teacher, and of the teacher outputs into the loss centre.
 The teacher is never wrapped for gradient synchronisation: every process holds the same
 copy and applies the same EMA update from the (synchronised) student.
+
+`DinoTrainer.train` is the loop over epochs and batches; its parts are named methods:
+`set_up` (data, models, optimizer, resume), `epoch_batches`, `schedule`, `training_step`
+(the step above), `step_metrics` (logging), `evaluation_due` / `_online_knn`,
+`checkpoint_due` / `_save_checkpoint`, and `finish` (final k-NN, saved teacher).
+Model construction (`build_student_and_teacher`) lives next to the model, in `student_teacher`.
 """
 
 from __future__ import annotations
 
-import copy
 import gc
 import itertools
 import json
@@ -21,9 +26,10 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,7 +39,6 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProce
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .configuration_dino import DinoConfig, build_backbone_config
 from .data import (
     FALLBACK_VAL_SPLITS,
     MultiCropDataset,
@@ -44,7 +49,7 @@ from .data import (
     streamed_split_length,
 )
 from .evaluation import knn_evaluate_splits
-from .loss import DinoLoss
+from .loss import DinoLoss, DinoLossOutput
 from .modeling_dino import DinoModel, training_attention_implementation
 from .optimization import (
     build_optimizer,
@@ -55,6 +60,11 @@ from .optimization import (
 )
 from .recipe import DinoRecipe
 from .schedules import cosine_schedule, teacher_temperature_schedule
+from .student_teacher import (  # noqa: F401  (build_dino_config, pretrained_backbone_config: re-exported, their home was here)
+    build_dino_config,
+    build_student_and_teacher,
+    pretrained_backbone_config,
+)
 from .transforms import MultiCropAugmentation
 
 logger = logging.getLogger(__name__)
@@ -112,72 +122,6 @@ def cpu_process_group_arguments() -> dict:
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops and the last checkpoint stays intact."""
-
-
-def pretrained_backbone_config(recipe: DinoRecipe):
-    """The config of `recipe.init_backbone`, checked against the recipe's architecture."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(recipe.init_backbone)
-    expected = build_backbone_config(recipe.arch, recipe.patch_size, recipe.global_crop_size,
-                                     num_hidden_layers=recipe.num_hidden_layers)
-    if config.model_type != expected.model_type:
-        raise ValueError(f"init_backbone {recipe.init_backbone} is a {config.model_type!r} model but arch "
-                         f"{recipe.arch!r} is {expected.model_type!r}; set --arch accordingly")
-    fields = ("hidden_size", "num_hidden_layers", "patch_size") if config.model_type == "vit" else ("hidden_sizes", "depths")
-    differences = [f"{name}: checkpoint {getattr(config, name)} vs recipe {getattr(expected, name)}"
-                   for name in fields if getattr(config, name) != getattr(expected, name)]
-    if differences:
-        raise ValueError(f"init_backbone {recipe.init_backbone} does not match the recipe ({'; '.join(differences)}); "
-                         "set --arch / --patch_size / --num_hidden_layers to the checkpoint's")
-    if config.model_type == "vit":  # the checkpoint's own position grid; other sizes are interpolated
-        config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
-    return config
-
-
-def build_dino_config(recipe: DinoRecipe, drop_path_rate: float) -> DinoConfig:
-    if recipe.init_backbone:
-        backbone_config = pretrained_backbone_config(recipe)
-    else:
-        backbone_config = build_backbone_config(recipe.arch, recipe.patch_size, recipe.global_crop_size,
-                                                num_hidden_layers=recipe.num_hidden_layers)
-    return DinoConfig(
-        backbone_config=backbone_config,
-        out_dim=recipe.out_dim,
-        head_hidden_dim=recipe.head_hidden_dim,
-        head_bottleneck_dim=recipe.head_bottleneck_dim,
-        head_num_layers=recipe.head_num_layers,
-        use_bn_in_head=recipe.use_bn_in_head,
-        norm_last_layer=recipe.norm_last_layer,
-        drop_path_rate=drop_path_rate,
-    )
-
-
-def build_student_and_teacher(recipe: DinoRecipe, attn_implementation: str | None = None) -> tuple[DinoModel, DinoModel]:
-    """Student (with stochastic depth) and teacher (without), starting from identical weights:
-    random, or the backbone of `recipe.init_backbone` (the head always starts random).
-    `attn_implementation` ("sdpa", "eager"; None keeps transformers' default) sets a ViT's
-    attention kernel; it is not saved with the weights."""
-    student_config = build_dino_config(recipe, recipe.drop_path_rate)
-    student = DinoModel(student_config)
-    if recipe.init_backbone:
-        from transformers import AutoModel
-
-        from .conversion import load_strict
-
-        pretrained = AutoModel.from_pretrained(recipe.init_backbone)
-        state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("pooler.")}
-        load_strict(student.backbone, state, f"init_backbone {recipe.init_backbone}")
-        logger.info("Student and teacher backbones start from %s", recipe.init_backbone)
-    teacher_config = copy.deepcopy(student_config)
-    teacher_config.drop_path_rate = 0.0
-    teacher = DinoModel(teacher_config)
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
-    if attn_implementation and student.is_vit:
-        for model in (student, teacher):
-            model.set_attn_implementation(attn_implementation)
-    return student, teacher
 
 
 # devices whose tensors torch's SyncBatchNorm synchronises (it refuses CPU tensors)
@@ -255,6 +199,63 @@ class StepSchedule:
     weight_decay: float
     momentum: float
     teacher_temp: float
+
+
+@dataclass(eq=False)
+class TrainingRun:
+    """What `DinoTrainer.set_up` builds and the training loop advances."""
+
+    student: nn.Module  # as prepared by Accelerate (DDP, DeepSpeed or FSDP wrapper, or the model)
+    teacher: DinoModel  # never wrapped for gradient synchronisation (FSDP2: sharded like the student)
+    optimizer: torch.optim.Optimizer
+    dino_loss: DinoLoss  # holds the centre
+    student_forward: Callable  # the student, or its torch.compile'd forward
+    teacher_forward: Callable
+    student_parameters: list[nn.Parameter]  # of the unwrapped student, in the teacher's order
+    teacher_parameters: list[nn.Parameter]
+    trainable_parameters: list[nn.Parameter]  # the student's with requires_grad (clipped)
+    dataset_dict: Any  # every split (the held-out one serves the k-NN evaluations)
+    train_dataset: MultiCropDataset | StreamingMultiCropDataset
+    dataloader: Iterable[dict]
+    global_batch: int  # images per optimizer step, all processes and accumulated batches together
+    base_lr: float  # recipe.lr * global_batch / 256
+    steps_per_epoch: int
+    batches_per_epoch: int  # per process: steps_per_epoch * gradient_accumulation_steps
+    total_steps: int
+    num_epochs: int
+    global_step: int = 0  # optimizer steps done
+    start_epoch: int = 0
+    batches_to_skip: int = 0  # of start_epoch, consumed before a resumed checkpoint was written
+    batches_done: int = 0  # of the current epoch, skipped ones included
+
+
+class MetricsWindow:
+    """Sums of the loss statistics over the optimizer steps since the last log line, kept as device
+    tensors so that a step never waits for the host; `means` averages them over steps and processes."""
+
+    NAMES = ("loss", "teacher_entropy", "kl_student_teacher")
+
+    def __init__(self, device: torch.device):
+        self.sums = {name: torch.zeros((), device=device) for name in self.NAMES}
+        self.reset()
+
+    def reset(self) -> None:
+        for value in self.sums.values():
+            value.zero_()
+        self.steps, self.images, self.start_time = 0, 0, time.perf_counter()
+
+    def add(self, output: DinoLossOutput, images: int, gradient_accumulation_steps: int) -> None:
+        """One batch's loss statistics, each weighted 1 / gradient_accumulation_steps (a step's value is
+        the mean over its batches); `images`: trained on by all processes together."""
+        self.sums["loss"] += output.loss.detach() / gradient_accumulation_steps
+        self.sums["teacher_entropy"] += output.teacher_entropy / gradient_accumulation_steps
+        self.sums["kl_student_teacher"] += output.kl_student_teacher / gradient_accumulation_steps
+        self.images += images
+
+    def means(self, accelerator: Accelerator) -> dict[str, float]:
+        """{name: mean per step over the window, averaged over processes} (collective)."""
+        values = accelerator.reduce(torch.stack(list(self.sums.values())), reduction="mean")
+        return dict(zip(self.NAMES, values.div(self.steps).tolist()))
 
 
 class DinoTrainer:
@@ -347,18 +348,63 @@ class DinoTrainer:
                              f"{recipe.batch_size_per_device} per process; lower --batch_size_per_device or use more data.")
         return dataset_dict, train_dataset, dataloader, batches_per_epoch
 
-    def _schedule(self, step: int, epoch: int, total_steps: int, steps_per_epoch: int, base_lr: float) -> StepSchedule:
-        recipe = self.recipe
-        return StepSchedule(
-            lr=cosine_schedule(step, total_steps, base_lr, recipe.min_lr, recipe.warmup_epochs * steps_per_epoch),
-            weight_decay=cosine_schedule(step, total_steps, recipe.weight_decay, recipe.weight_decay_end),
-            momentum=cosine_schedule(step, total_steps, recipe.momentum_teacher, recipe.momentum_teacher_end),
-            teacher_temp=teacher_temperature_schedule(epoch, recipe.warmup_teacher_temp, recipe.teacher_temp,
-                                                      recipe.warmup_teacher_temp_epochs),
-        )
-
     # ------------------------------------------------------------------ training
     def train(self) -> dict:
+        """Pretrain as the recipe says; returns the final metrics (see the class docstring)."""
+        recipe, accelerator = self.recipe, self.accelerator
+        run = self.set_up()
+        progress = tqdm(total=run.total_steps, initial=run.global_step, desc="DINO",
+                        disable=not accelerator.is_local_main_process)
+        window = MetricsWindow(accelerator.device)
+        start_time = time.perf_counter()
+        last_metrics: dict = {}
+        run.student.train()
+        run.teacher.train()  # as the reference: matters only for batch-norm heads / ResNet teachers
+
+        for epoch in range(run.start_epoch, run.num_epochs):
+            if run.global_step >= run.total_steps:
+                break
+            epoch_first_step, images_here = run.global_step, 0
+            for batch, trainable in self.epoch_batches(run, epoch):
+                run.batches_done += 1
+                self._count_skipped(batch)
+                if not trainable:  # some process has no decodable image in its batch: all skip it
+                    self.num_skipped_batches += 1
+                    continue
+                crops = [crop.to(accelerator.device, non_blocking=True) for crop in batch["crops"]]
+                images_here += crops[0].shape[0]
+                schedule = self.schedule(run, epoch)
+                output, stepped = self.training_step(run, crops, schedule, epoch)
+                window.add(output, crops[0].shape[0] * accelerator.num_processes, recipe.gradient_accumulation_steps)
+                if not stepped:  # gradients accumulate over the next batch
+                    continue
+                run.global_step += 1
+                window.steps += 1
+                progress.update(1)
+
+                evaluate_now = self.evaluation_due(run)
+                if evaluate_now or self.logging_due(run):
+                    metrics = self.step_metrics(run, window, schedule, start_time)
+                    if evaluate_now:
+                        metrics.update(self._online_knn(run.teacher, run.dataset_dict))
+                    self._log(metrics)
+                    last_metrics = metrics
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.1f}")
+                    window.reset()  # after any evaluation too, so that img_per_s stays a training rate
+                if self.checkpoint_due(run):
+                    if window.steps:  # steps since the last log: never checkpoint non-finite weights
+                        self._check_finite(window.sums["loss"].item(), run.global_step - window.steps + 1,
+                                           run.global_step)
+                    self._save_checkpoint(run.global_step, epoch, run.batches_done, run.teacher, run.dino_loss)
+                if run.global_step >= run.total_steps:
+                    break
+            self._end_epoch(epoch, images_here, run.global_step - epoch_first_step, run.steps_per_epoch)
+        progress.close()
+        return self.finish(run, last_metrics, time.perf_counter() - start_time)
+
+    def set_up(self) -> TrainingRun:
+        """Data, student and teacher, loss, optimizer, Accelerate's preparation, the step arithmetic,
+        and the position to start from (a resumed checkpoint's, or the beginning)."""
         recipe, accelerator = self.recipe, self.accelerator
         set_seed(recipe.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -382,12 +428,7 @@ class DinoTrainer:
         teacher = self._prepare_teacher(teacher)
         unwrapped_student = accelerator.unwrap_model(student)
         self.student, self.teacher = unwrapped_student, teacher
-        # compiled forwards for the step; everything else (EMA, clipping, saving) uses the modules
-        student_forward, teacher_forward = ((torch.compile(student), torch.compile(teacher)) if recipe.torch_compile
-                                            else (student, teacher))
         student_parameters = list(unwrapped_student.parameters())
-        teacher_parameters = list(teacher.parameters())
-        trainable_parameters = [p for p in student_parameters if p.requires_grad]
         self._last_layer_frozen = False
         if self._deepspeed and recipe.freeze_last_layer:
             # DeepSpeed reduces gradients into its own buffers during backward, so they cannot be
@@ -400,138 +441,144 @@ class DinoTrainer:
             self._agreement_group = agreement_process_group()
 
         global_batch = recipe.batch_size_per_device * accelerator.num_processes * recipe.gradient_accumulation_steps
-        base_lr = recipe.lr * global_batch / 256.0  # linear scaling rule
         steps_per_epoch = batches_per_epoch // recipe.gradient_accumulation_steps
-        batches_per_epoch = steps_per_epoch * recipe.gradient_accumulation_steps  # whole steps only
         total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
-        num_epochs = math.ceil(total_steps / steps_per_epoch)
-
-        global_step, start_epoch, batches_to_skip = 0, 0, 0
+        run = TrainingRun(
+            student=student, teacher=teacher, optimizer=optimizer, dino_loss=dino_loss,
+            # compiled forwards for the step; everything else (EMA, clipping, saving) uses the modules
+            student_forward=torch.compile(student) if recipe.torch_compile else student,
+            teacher_forward=torch.compile(teacher) if recipe.torch_compile else teacher,
+            student_parameters=student_parameters, teacher_parameters=list(teacher.parameters()),
+            trainable_parameters=[p for p in student_parameters if p.requires_grad],
+            dataset_dict=dataset_dict, train_dataset=train_dataset, dataloader=dataloader,
+            global_batch=global_batch, base_lr=recipe.lr * global_batch / 256.0,  # linear scaling rule
+            steps_per_epoch=steps_per_epoch,
+            batches_per_epoch=steps_per_epoch * recipe.gradient_accumulation_steps,  # whole steps only
+            total_steps=total_steps, num_epochs=math.ceil(total_steps / steps_per_epoch))
         if recipe.resume_from_checkpoint:
-            global_step, start_epoch, batches_to_skip = self._load_checkpoint(
+            run.global_step, run.start_epoch, run.batches_to_skip = self._load_checkpoint(
                 recipe.resume_from_checkpoint, teacher, dino_loss, steps_per_epoch)
-            if batches_to_skip >= batches_per_epoch:  # the checkpoint closed its epoch
-                start_epoch, batches_to_skip = start_epoch + 1, 0
+            if run.batches_to_skip >= run.batches_per_epoch:  # the checkpoint closed its epoch
+                run.start_epoch, run.batches_to_skip = run.start_epoch + 1, 0
         if accelerator.is_main_process:
             (self.output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
         accelerator.init_trackers("hf_dino", config={k: v for k, v in recipe.to_dict().items()
                                                      if isinstance(v, (int, float, str, bool))})
         logger.info("DINO: global batch %d, %d steps/epoch, %d steps, base lr %.3g, mixed precision %s",
-                    global_batch, steps_per_epoch, total_steps, base_lr, accelerator.mixed_precision)
+                    global_batch, steps_per_epoch, total_steps, run.base_lr, accelerator.mixed_precision)
+        return run
 
-        progress = tqdm(total=total_steps, initial=global_step, desc="DINO", disable=not accelerator.is_local_main_process)
-        window = {"loss": torch.zeros((), device=accelerator.device),
-                  "teacher_entropy": torch.zeros((), device=accelerator.device),
-                  "kl_student_teacher": torch.zeros((), device=accelerator.device)}
-        window_steps, window_images, window_start = 0, 0, time.perf_counter()
-        start_time = time.perf_counter()
-        last_metrics: dict = {}
-        student.train()
-        teacher.train()  # as the reference: matters only for batch-norm heads / ResNet teachers
+    def epoch_batches(self, run: TrainingRun, epoch: int) -> Iterator[tuple[dict, bool]]:
+        """(batch, trainable) for the batches of `epoch` still to train on: the epoch's shuffle, without
+        the batches a resumed checkpoint had consumed, whole optimizer steps only, and the same
+        decisions on every process (`agreed_batches`). Sets `run.batches_done` to the batches skipped."""
+        run.train_dataset.set_epoch(epoch)
+        if hasattr(run.dataloader, "set_epoch"):
+            run.dataloader.set_epoch(epoch)
+        run.batches_done = run.batches_to_skip if epoch == run.start_epoch else 0
+        batches = run.dataloader
+        if run.batches_done:  # resuming mid-epoch: the same order, without the batches already seen
+            batches = (itertools.islice(run.dataloader, run.batches_done, None) if self.recipe.streaming
+                       else self.accelerator.skip_first_batches(run.dataloader, run.batches_done))
+        batches = itertools.islice(batches, run.batches_per_epoch - run.batches_done)
+        return agreed_batches(batches, self.accelerator.num_processes, self._agreement_group)
 
-        for epoch in range(start_epoch, num_epochs):
-            if global_step >= total_steps:
-                break
-            train_dataset.set_epoch(epoch)
-            if hasattr(dataloader, "set_epoch"):
-                dataloader.set_epoch(epoch)
-            batches_done = batches_to_skip if epoch == start_epoch else 0
-            batches = dataloader
-            if batches_done:  # resuming mid-epoch: the same order, without the batches already seen
-                batches = (itertools.islice(dataloader, batches_done, None) if recipe.streaming
-                           else accelerator.skip_first_batches(dataloader, batches_done))
-            batches = itertools.islice(batches, batches_per_epoch - batches_done)
-            epoch_first_step, images_here = global_step, 0
-            for batch, trainable in agreed_batches(batches, accelerator.num_processes, self._agreement_group):
-                batches_done += 1
-                self._count_skipped(batch)
-                if not trainable:  # some process has no decodable image in its batch: all skip it
-                    self.num_skipped_batches += 1
-                    continue
-                crops = [crop.to(accelerator.device, non_blocking=True) for crop in batch["crops"]]
-                images_here += crops[0].shape[0]
-                schedule = self._schedule(global_step, epoch, total_steps, steps_per_epoch, base_lr)
-                self._last_layer_frozen = epoch < recipe.freeze_last_layer
-                # set before the backward pass: DeepSpeed steps its optimizer inside `accelerator.backward`
-                set_step_hyperparameters(optimizer, schedule.lr, schedule.weight_decay, self._last_layer_frozen)
-                with accelerator.accumulate(student):
-                    with torch.no_grad(), accelerator.autocast():
-                        teacher_logits = teacher_forward(crops[:2]).logits
-                    student_logits = student_forward(crops).logits
-                    output = dino_loss(student_logits, teacher_logits, schedule.teacher_temp)
-                    accelerator.backward(output.loss)
-                    dino_loss.accumulate_center(teacher_logits)
-                    window["loss"] += output.loss.detach() / recipe.gradient_accumulation_steps
-                    window["teacher_entropy"] += output.teacher_entropy / recipe.gradient_accumulation_steps
-                    window["kl_student_teacher"] += output.kl_student_teacher / recipe.gradient_accumulation_steps
-                    window_images += crops[0].shape[0] * accelerator.num_processes
-                    if not accelerator.sync_gradients:
-                        continue
-                    if recipe.clip_grad > 0 and not self._deepspeed:
-                        accelerator.unscale_gradients()  # fp16: clip the true gradients, not the scaled ones
-                        clip_gradients_per_parameter(trainable_parameters, recipe.clip_grad)
-                    if self._last_layer_frozen and not self._deepspeed:
-                        cancel_last_layer_gradients(unwrapped_student.head)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                ema_update(teacher_parameters, student_parameters, schedule.momentum)
-                dino_loss.update_center()
-                global_step += 1
-                window_steps += 1
-                progress.update(1)
+    def schedule(self, run: TrainingRun, epoch: int) -> StepSchedule:
+        """This step's lr (linear warm-up, then cosine), weight decay and teacher momentum (cosine),
+        and teacher temperature (linear warm-up per epoch, then constant), as the reference."""
+        recipe, step, total_steps = self.recipe, run.global_step, run.total_steps
+        return StepSchedule(
+            lr=cosine_schedule(step, total_steps, run.base_lr, recipe.min_lr, recipe.warmup_epochs * run.steps_per_epoch),
+            weight_decay=cosine_schedule(step, total_steps, recipe.weight_decay, recipe.weight_decay_end),
+            momentum=cosine_schedule(step, total_steps, recipe.momentum_teacher, recipe.momentum_teacher_end),
+            teacher_temp=teacher_temperature_schedule(epoch, recipe.warmup_teacher_temp, recipe.teacher_temp,
+                                                      recipe.warmup_teacher_temp_epochs),
+        )
 
-                evaluate_now = (bool(recipe.eval_every) and global_step % recipe.eval_every == 0
-                                and global_step < total_steps)
-                if evaluate_now or global_step % recipe.logging_steps == 0 or global_step == total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    # mean over processes: the logged loss is the global batch's
-                    values = accelerator.reduce(torch.stack(list(window.values())), reduction="mean")
-                    values = values.div(window_steps).tolist()
-                    metrics = {"step": global_step, "epoch": round(global_step / steps_per_epoch, 4),
-                               **dict(zip(window, values)), "lr": schedule.lr,
-                               "weight_decay": schedule.weight_decay, "momentum": schedule.momentum,
-                               "teacher_temp": schedule.teacher_temp, "img_per_s": window_images / elapsed,
-                               "num_skipped_images": self._total_skipped_images(),
-                               "num_skipped_batches": self.num_skipped_batches,
-                               "elapsed_s": time.perf_counter() - start_time}
-                    self._check_finite(metrics["loss"], global_step - window_steps + 1, global_step)
-                    if evaluate_now:
-                        metrics.update(self._online_knn(teacher, dataset_dict))
-                    self._log(metrics)
-                    last_metrics = metrics
-                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.1f}")
-                    for value in window.values():
-                        value.zero_()
-                    # the window restarts after any evaluation, so img_per_s stays a training rate
-                    window_steps, window_images, window_start = 0, 0, time.perf_counter()
-                if recipe.checkpointing_steps and global_step % recipe.checkpointing_steps == 0:
-                    if window_steps:  # steps since the last log: never checkpoint non-finite weights
-                        self._check_finite(window["loss"].item(), global_step - window_steps + 1, global_step)
-                    self._save_checkpoint(global_step, epoch, batches_done, teacher, dino_loss)
-                if global_step >= total_steps:
-                    break
-            self._end_epoch(epoch, images_here, global_step - epoch_first_step, steps_per_epoch)
-        progress.close()
-        if global_step < total_steps:
+    def training_step(self, run: TrainingRun, crops: list[torch.Tensor], schedule: StepSchedule,
+                      epoch: int) -> tuple[DinoLossOutput, bool]:
+        """One batch: the teacher on the 2 global crops, the student on all V crops (each (B, 3, H, W)),
+        the DINO loss, backward. Every `gradient_accumulation_steps`-th batch completes an optimizer
+        step: per-parameter clipping, the last layer's gradients dropped during the first
+        `freeze_last_layer` epochs, the optimizer step at `schedule`'s lr and weight decay, then the
+        EMA of the student into the teacher and of the teacher outputs into the centre.
+        Returns (the loss output, whether the optimizer stepped)."""
+        recipe, accelerator = self.recipe, self.accelerator
+        self._last_layer_frozen = epoch < recipe.freeze_last_layer
+        # set before the backward pass: DeepSpeed steps its optimizer inside `accelerator.backward`
+        set_step_hyperparameters(run.optimizer, schedule.lr, schedule.weight_decay, self._last_layer_frozen)
+        with accelerator.accumulate(run.student):
+            with torch.no_grad(), accelerator.autocast():
+                teacher_logits = run.teacher_forward(crops[:2]).logits
+            student_logits = run.student_forward(crops).logits
+            output = run.dino_loss(student_logits, teacher_logits, schedule.teacher_temp)
+            accelerator.backward(output.loss)
+            run.dino_loss.accumulate_center(teacher_logits)
+            if not accelerator.sync_gradients:
+                return output, False
+            if recipe.clip_grad > 0 and not self._deepspeed:
+                accelerator.unscale_gradients()  # fp16: clip the true gradients, not the scaled ones
+                clip_gradients_per_parameter(run.trainable_parameters, recipe.clip_grad)
+            if self._last_layer_frozen and not self._deepspeed:
+                cancel_last_layer_gradients(self.student.head)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        ema_update(run.teacher_parameters, run.student_parameters, schedule.momentum)
+        run.dino_loss.update_center()
+        return output, True
+
+    # ------------------------------------------------------------------ logging, evaluation, checkpoints
+    def logging_due(self, run: TrainingRun) -> bool:
+        """Log every `logging_steps` steps and at the last step."""
+        return run.global_step % self.recipe.logging_steps == 0 or run.global_step == run.total_steps
+
+    def evaluation_due(self, run: TrainingRun) -> bool:
+        """Online k-NN every `eval_every` steps, except at the last (the final evaluation follows it)."""
+        eval_every = self.recipe.eval_every
+        return bool(eval_every) and run.global_step % eval_every == 0 and run.global_step < run.total_steps
+
+    def checkpoint_due(self, run: TrainingRun) -> bool:
+        """A checkpoint every `checkpointing_steps` steps."""
+        return bool(self.recipe.checkpointing_steps) and run.global_step % self.recipe.checkpointing_steps == 0
+
+    def step_metrics(self, run: TrainingRun, window: MetricsWindow, schedule: StepSchedule, start_time: float) -> dict:
+        """The log line of the steps since the last one: loss statistics averaged over those steps
+        and over processes (collective), this step's schedule, throughput and skipped-data counts.
+        Raises `NonFiniteLossError` when the loss is not finite."""
+        elapsed = time.perf_counter() - window.start_time
+        metrics = {"step": run.global_step, "epoch": round(run.global_step / run.steps_per_epoch, 4),
+                   **window.means(self.accelerator), "lr": schedule.lr,
+                   "weight_decay": schedule.weight_decay, "momentum": schedule.momentum,
+                   "teacher_temp": schedule.teacher_temp, "img_per_s": window.images / elapsed,
+                   "num_skipped_images": self._total_skipped_images(),
+                   "num_skipped_batches": self.num_skipped_batches,
+                   "elapsed_s": time.perf_counter() - start_time}
+        self._check_finite(metrics["loss"], run.global_step - window.steps + 1, run.global_step)
+        return metrics
+
+    def finish(self, run: TrainingRun, last_metrics: dict, train_time_s: float) -> dict:
+        """After the last step: the final k-NN evaluation and the saved teacher (`_save_final`);
+        releases the prepared student and optimizer on every process. Returns the results."""
+        recipe, accelerator = self.recipe, self.accelerator
+        if run.global_step < run.total_steps:
             logger.warning("Training ended at step %d of %d: an epoch ran short (a stream shorter than "
                            "declared, or skipped batches); the schedules did not reach their end.",
-                           global_step, total_steps)
-
-        results = {"train": last_metrics, "train_time_s": time.perf_counter() - start_time,
-                   "global_step": global_step, "images_per_process": self.images_per_process,
+                           run.global_step, run.total_steps)
+        results = {"train": last_metrics, "train_time_s": train_time_s,
+                   "global_step": run.global_step, "images_per_process": self.images_per_process,
                    "num_skipped_images": self._total_skipped_images(),
                    "num_skipped_batches": self.num_skipped_batches}
         accelerator.wait_for_everyone()
-        self._align_teacher_buffers(teacher)
-        teacher = self._exportable_teacher(teacher, on_every_process=recipe.knn_eval_at_end)
+        self._align_teacher_buffers(run.teacher)
+        teacher = self._exportable_teacher(run.teacher, on_every_process=recipe.knn_eval_at_end)
         if recipe.knn_eval_at_end:  # every process extracts a shard of the features
-            results["knn"] = self.evaluate_knn(teacher, dataset_dict)
+            results["knn"] = self.evaluate_knn(teacher, run.dataset_dict)
         if accelerator.is_main_process:
             self._save_final(teacher, results)
         # The DDP wrapper's reducer holds the process group. Free it on every rank while all ranks are
         # still alive (the barrier below waits for all): freed after a peer has exited, gloo's
         # destructor can hang.
-        del student, optimizer
+        run.student = run.student_forward = run.optimizer = None
         accelerator.free_memory()
         gc.collect()
         accelerator.wait_for_everyone()
