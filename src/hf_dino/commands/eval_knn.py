@@ -3,7 +3,7 @@
     python scripts/eval_knn.py --model OUTPUT_DIR/teacher_backbone --dataset_name DATA [--k 10 20 100 200]
 
 The training split is the memory bank, the held-out split the queries; features are the CLS
-token after the final norm, L2-normalised; each of the k nearest neighbours votes with
+token after the final norm (other readouts with --feature), L2-normalised; each of the k nearest neighbours votes with
 exp(cosine / temperature). Prints and writes {"top1", "top5", "k", "temperature", "num_train",
 "num_val", ...}.
 """
@@ -18,6 +18,7 @@ import torch
 from ..cli import (DataArguments, emit_json, load_evaluation_splits, load_model_or_exit,
                    model_field, parse_args, usage_error)
 from ..evaluation import RawPixels, knn_evaluate_splits
+from ..evaluation.features import knn_feature_fn
 
 
 @dataclass
@@ -50,6 +51,12 @@ class KnnArguments:
     raw_pixels: bool = field(default=False, metadata={
         "help": "baseline: the normalised pixels (at --image_size, default 32) as features; --model is ignored"})
     seed: int = field(default=0, metadata={"help": "seed of --random_init"})
+    feature: str = field(default="cls", metadata={
+        "help": "ViT readout: cls (the paper's: CLS token after the final norm), cls_mean_patch (CLS and mean "
+                "patch token of the last block, concatenated) or last_blocks (CLS of the last --n_last_blocks "
+                "blocks, each after the final norm)", "choices": ["cls", "cls_mean_patch", "last_blocks"]})
+    n_last_blocks: int | None = field(default=None, metadata={
+        "help": "blocks read by --feature last_blocks; unset: 4, or all of a shallower ViT"})
     output_json: str | None = field(default=None, metadata={"help": "also write the result JSON here"})
 
     def __post_init__(self) -> None:
@@ -61,6 +68,8 @@ class KnnArguments:
             raise ValueError(f"--batch_size {self.batch_size}: must be >= 1")
         if self.num_workers < 0:
             raise ValueError(f"--num_workers {self.num_workers}: must be >= 0")
+        if self.n_last_blocks is not None and self.n_last_blocks < 1:
+            raise ValueError(f"--n_last_blocks {self.n_last_blocks}: must be >= 1")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,11 +83,16 @@ def main(argv: list[str] | None = None) -> None:
         model, native_size = RawPixels(), 32
     else:
         model, native_size = load_model_or_exit(args.model, device, random_init=args.random_init, seed=args.seed)
+    try:
+        knn_feature_fn(args.feature, args.n_last_blocks, model)
+    except ValueError as error:
+        usage_error(str(error))
     train_split, val_split = load_evaluation_splits(data)
     result = knn_evaluate_splits(
         model, train_split, val_split, crop_size=image.image_size or native_size, ks=args.k,
         temperature=args.temperature, image_column=data.image_column, label_column=data.label_column,
-        batch_size=args.batch_size, num_workers=args.num_workers, device=device, resize_ratio=image.resize_ratio)
+        batch_size=args.batch_size, num_workers=args.num_workers, device=device, resize_ratio=image.resize_ratio,
+        feature=args.feature, n_last_blocks=args.n_last_blocks)
     emit_json(result, args.output_json)
 
 

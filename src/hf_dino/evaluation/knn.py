@@ -6,12 +6,12 @@ label with weight exp(similarity / T); the class scores rank the predictions (to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .features import backbone_cls_features, extract_features
+from .features import backbone_cls_features, extract_features, knn_feature_fn
 from .metrics import topk_accuracy
 
 
@@ -61,8 +61,9 @@ def collate_labelled_fixed_size(samples: list[dict | None], image_shape: tuple[i
 
 @torch.no_grad()
 def extract_features_sharded(model: nn.Module, dataset: torch.utils.data.Dataset, accelerator, image_shape,
-                             batch_size: int = 256, num_workers: int = 0,
-                             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, int]:
+                             batch_size: int = 256, num_workers: int = 0, device: torch.device | str = "cpu",
+                             feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = backbone_cls_features,
+                             ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`extract_features` split across the processes of `accelerator` (an `accelerate.Accelerator`):
     each process runs the model over its share of the batches, and `gather_for_metrics` puts
     every batch together on every process (dropping the samples repeated to even out the last
@@ -80,7 +81,7 @@ def extract_features_sharded(model: nn.Module, dataset: torch.utils.data.Dataset
     model.eval()
     features, labels = [], []
     for batch in loader:
-        output = nn.functional.normalize(backbone_cls_features(model, batch["pixel_values"].to(device)).float(), dim=-1)
+        output = nn.functional.normalize(feature_fn(model, batch["pixel_values"].to(device)).float(), dim=-1)
         batch_features, batch_labels = accelerator.gather_for_metrics((output, batch["labels"].to(output.device)))
         features.append(batch_features.cpu())
         labels.append(batch_labels.cpu())
@@ -96,7 +97,8 @@ def knn_evaluate_splits(model: nn.Module, train_split, val_split, *, crop_size: 
                         temperature: float = 0.07, image_column: str = "image", label_column: str = "label",
                         batch_size: int = 256, num_workers: int = 0, device: torch.device | str = "cpu",
                         max_train_samples: int | None = None, chunk_size: int = 1024,
-                        resize_ratio: float = 256 / 224, accelerator=None) -> dict:
+                        resize_ratio: float = 256 / 224, accelerator=None, feature: str = "cls",
+                        n_last_blocks: int | None = None) -> dict:
     """k-NN of a frozen model: `train_split` (a 🤗 `Dataset`) is the memory bank, `val_split` the
     queries, both resized to crop_size * resize_ratio and centre-cropped to crop_size (the
     reference's 256/224 by default; 1.0 keeps whole low-resolution images such as CIFAR's).
@@ -106,24 +108,27 @@ def knn_evaluate_splits(model: nn.Module, train_split, val_split, *, crop_size: 
     With an `accelerate.Accelerator` of several processes (`accelerator`), every process extracts
     a shard of the features and all of them get the gathered features and the same result (no
     long phase on one process while the others wait in a collective); the k-NN scoring itself
-    runs on every process. Collective then: every process must call it."""
+    runs on every process. Collective then: every process must call it.
+
+    `feature` (with `n_last_blocks`): the readout (`features.knn_feature_fn`), "cls" as the paper."""
     from ..data import LabelledImageDataset, collate_labelled
     from ..transforms import evaluation_transform
 
     if max_train_samples is not None:
         train_split = train_split.select(range(min(max_train_samples, len(train_split))))
     transform = evaluation_transform(crop_size, resize_ratio)
+    feature_fn = knn_feature_fn(feature, n_last_blocks, model)
     extracted = {}
     sharded = accelerator is not None and accelerator.num_processes > 1
     for name, split in (("train", train_split), ("val", val_split)):
         dataset = LabelledImageDataset(split, transform, image_column, label_column)
         if sharded:
             extracted[name] = extract_features_sharded(model, dataset, accelerator, (3, crop_size, crop_size),
-                                                       batch_size, num_workers, device)
+                                                       batch_size, num_workers, device, feature_fn)
             continue
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                              collate_fn=collate_labelled)
-        extracted[name] = extract_features(model, loader, device, f"k-NN {name} features")
+        extracted[name] = extract_features(model, loader, device, f"k-NN {name} features", feature_fn=feature_fn)
     label_feature = (train_split.features or {}).get(label_column)
     num_classes = getattr(label_feature, "num_classes", None)
     (train_features, train_labels, train_skipped), (val_features, val_labels, val_skipped) = extracted.values()
@@ -133,6 +138,6 @@ def knn_evaluate_splits(model: nn.Module, train_split, val_split, *, crop_size: 
     per_k = knn_evaluate(train_features, train_labels, val_features, val_labels, ks=ks, temperature=temperature,
                          num_classes=num_classes, chunk_size=chunk_size)
     first = per_k[ks[0]]
-    return {"top1": first["top1"], "top5": first["top5"], "k": ks[0], "temperature": temperature,
+    return {"top1": first["top1"], "top5": first["top5"], "k": ks[0], "temperature": temperature, "feature": feature,
             "num_train": len(train_labels), "num_val": len(val_labels), "num_skipped": train_skipped + val_skipped,
             "per_k": {int(k): v for k, v in per_k.items()}}

@@ -20,15 +20,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .features import extract_features
+from .features import _vit_of, extract_features, probe_features  # noqa: F401  (probe_features: its home was here)
 from .metrics import topk_accuracy
 from ..schedules import cosine_schedule
-
-
-def _vit_of(model: nn.Module) -> nn.Module | None:
-    """The `ViTModel` inside a `DinoModel` or the model itself; None for other backbones."""
-    backbone = getattr(model, "backbone", model)
-    return backbone if getattr(backbone.config, "model_type", None) == "vit" else None
 
 
 def default_probe_layout(model: nn.Module) -> tuple[int, bool]:
@@ -40,28 +34,6 @@ def default_probe_layout(model: nn.Module) -> tuple[int, bool]:
     if vit.config.hidden_size >= 768:
         return 1, True
     return min(4, vit.config.num_hidden_layers), False
-
-
-def probe_features(model: nn.Module, pixel_values: torch.Tensor, n_last_blocks: int = 4,
-                   avgpool_patchtokens: bool = False) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, F) frozen features for a linear probe.
-
-    ViT: F = n_last_blocks * D (+ D with `avgpool_patchtokens`): the CLS token of each of the
-    last blocks, each passed through the final layer norm. ResNet: the pooled last stage.
-    """
-    vit = _vit_of(model)
-    if vit is None:
-        backbone = getattr(model, "backbone", model)
-        return backbone(pixel_values=pixel_values).pooler_output.flatten(1)
-    num_blocks = vit.config.num_hidden_layers
-    if not 1 <= n_last_blocks <= num_blocks:
-        raise ValueError(f"n_last_blocks={n_last_blocks} but the backbone has {num_blocks} blocks")
-    outputs = vit(pixel_values=pixel_values, output_hidden_states=True, interpolate_pos_encoding=True)
-    blocks = [vit.layernorm(hidden) for hidden in outputs.hidden_states[-n_last_blocks:]]  # each (B, 1 + N, D)
-    features = [block[:, 0] for block in blocks]
-    if avgpool_patchtokens:
-        features.append(blocks[-1][:, 1:].mean(dim=1))
-    return torch.cat(features, dim=-1)
 
 
 class LinearClassifiers(nn.Module):
