@@ -30,7 +30,7 @@ from torch import nn
 from .attention import attention_mass_masks, last_block_cls_attention, vit_backbone
 from .data import DEMO_DATASET_DIR, FALLBACK_VAL_SPLITS, decode_image, load_dataset_dict, prepare_image_column
 from .evaluation.features import backbone_cls_features, load_frozen_backbone
-from .transforms import evaluation_transform
+from .transforms import centre_square, evaluation_transform
 
 logger = logging.getLogger(__name__)
 
@@ -236,15 +236,6 @@ def _resize(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_CUBIC)
 
 
-def _centre_square(image: np.ndarray, size: int) -> np.ndarray:
-    """What the model sees: shorter side resized to `size`, centre-cropped square (H=W=size) uint8."""
-    import albumentations as A
-    import cv2
-
-    return A.Compose([A.SmallestMaxSize(max_size=size, interpolation=cv2.INTER_CUBIC),
-                      A.CenterCrop(height=size, width=size)])(image=image)["image"]
-
-
 def model_input(image: np.ndarray, size: int, loaded: LoadedModel) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, size, size) normalised pixels of the centre square, on the model's device."""
     pixels = evaluation_transform(size, resize_ratio=GALLERY_RESIZE_RATIO)(image=image)["image"][None]
@@ -359,7 +350,7 @@ class DinoDemo:
         image, note = read_image(image_path)
         patch = loaded.patch_size
         size = max(int(image_size or loaded.image_size), 4 * patch) // patch * patch
-        shown = _centre_square(image, size)
+        shown = centre_square(image, size)
         attention, query = attention_and_feature(loaded.model, model_input(image, size, loaded))
         attention = attention[0].float().cpu()  # (heads, h, w)
         if size != loaded.image_size:
@@ -401,7 +392,7 @@ class DinoDemo:
             table.append({"rank": rank, "row": row, "label": label, "similarity": round(score, 4)})
             picture = gallery.image(row)
             if max(picture.shape[:2]) < 128:  # CIFAR's 32 px thumbnails: enlarge for the page
-                picture = _resize(_centre_square(picture, min(picture.shape[:2])), 128)
+                picture = _resize(centre_square(picture, min(picture.shape[:2])), 128)
             pictures.append((picture, f"{label + ' · ' if label else ''}{score:.3f}"))
         return pictures, table
 

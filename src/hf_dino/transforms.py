@@ -18,6 +18,12 @@ from albumentations.pytorch import ToTensorV2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# How every hf_dino transform resizes: bicubic when enlarging, pixel-area averaging when shrinking.
+# OpenCV's bicubic does not antialias, so a shrunk image aliases (a fine pattern turns into a coarse
+# one); the reference's PIL bicubic widens its filter when shrinking. Area averaging is OpenCV's
+# antialiased reduction: within ~2 grey levels of PIL's on natural images (tests/test_transforms.py).
+RESIZE = {"interpolation": cv2.INTER_CUBIC, "area_for_downscale": "image"}
+
 
 @dataclass(frozen=True)
 class AugmentationParams:
@@ -42,8 +48,7 @@ class AugmentationParams:
 def _crop_pipeline(size: int, scale: Sequence[float], blur_prob: float, solarize_prob: float,
                    params: AugmentationParams) -> A.Compose:
     steps = [
-        A.RandomResizedCrop(size=(size, size), scale=tuple(scale), ratio=params.crop_ratio,
-                            interpolation=cv2.INTER_CUBIC),
+        A.RandomResizedCrop(size=(size, size), scale=tuple(scale), ratio=params.crop_ratio, **RESIZE),
         A.HorizontalFlip(p=params.flip_prob),
         A.ColorJitter(brightness=params.brightness, contrast=params.contrast,
                       saturation=params.saturation, hue=params.hue, p=params.color_jitter_prob),
@@ -100,18 +105,25 @@ def evaluation_transform(crop_size: int, resize_ratio: float = 256 / 224) -> A.C
     """
     resize_size = max(crop_size, round(crop_size * resize_ratio))
     return A.Compose([
-        A.SmallestMaxSize(max_size=resize_size, interpolation=cv2.INTER_CUBIC),
+        A.SmallestMaxSize(max_size=resize_size, **RESIZE),
         A.CenterCrop(height=crop_size, width=crop_size),
         A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
         ToTensorV2(),
     ])
 
 
+def centre_square(image: np.ndarray, size: int) -> np.ndarray:
+    """What a model evaluated at `size` sees, as an image: (H, W, 3) uint8 -> (size, size, 3) uint8,
+    the shorter side resized to `size` and the centre square cropped (for overlays)."""
+    return A.Compose([A.SmallestMaxSize(max_size=size, **RESIZE),
+                      A.CenterCrop(height=size, width=size)])(image=image)["image"]
+
+
 def linear_probe_train_transform(crop_size: int, scale: tuple[float, float] = (0.08, 1.0)) -> A.Compose:
     """The reference linear-evaluation training augmentation: random-resized crop (bicubic) and
     horizontal flip, then normalisation. Returns (3, crop_size, crop_size) under "image"."""
     return A.Compose([
-        A.RandomResizedCrop(size=(crop_size, crop_size), scale=scale, interpolation=cv2.INTER_CUBIC),
+        A.RandomResizedCrop(size=(crop_size, crop_size), scale=scale, **RESIZE),
         A.HorizontalFlip(p=0.5),
         A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
         ToTensorV2(),

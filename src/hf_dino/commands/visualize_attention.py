@@ -38,13 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     (args,) = parse_args(AttentionArguments, argv=argv, description=__doc__)
     if not Path(args.image).is_file():
         usage_error(f"--image {args.image}: no such file")
-    import albumentations as A
-    import cv2
-
     from ..attention import (attention_mass_masks, last_block_cls_attention, save_attention_figures,
                              upsample_to_image, vit_backbone)
     from ..data import decode_image
-    from ..transforms import evaluation_transform
+    from ..transforms import centre_square, evaluation_transform
 
     image = decode_image(args.image)
     if image is None:
@@ -53,8 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     model, native_size = load_model_or_exit(args.model, "cpu")
     patch = vit_backbone(model).config.patch_size
     size = (args.image_size or native_size) // patch * patch
-    shown = A.Compose([A.SmallestMaxSize(max_size=size, interpolation=cv2.INTER_CUBIC),
-                       A.CenterCrop(height=size, width=size)])(image=image)["image"]
+    shown = centre_square(image, size)
     pixels = evaluation_transform(size, resize_ratio=1.0)(image=image)["image"][None]
     attention = last_block_cls_attention(model, pixels)[0]  # (heads, h, w)
     masks = attention_mass_masks(attention, args.threshold)
