@@ -603,6 +603,22 @@ def test_schedule_scales_the_learning_rate_by_the_global_batch(tmp_path):
     assert trainer.schedule(run, epoch=1).teacher_temp == pytest.approx(0.07)
 
 
+def test_warm_ups_counted_in_steps_override_the_epochs(tmp_path):
+    """warmup_steps 3: the lr at step 1 is base * 1 / (3 - 1) (the reference's linspace, 0 -> base);
+    warmup_teacher_temp_steps 5: the temperature at step 2 is 0.04 + 0.03 * 2 / 4, whatever the epoch."""
+    trainer = DinoTrainer(tiny_recipe(tmp_path, warmup_epochs=2, warmup_steps=3, warmup_teacher_temp_epochs=2,
+                                      warmup_teacher_temp_steps=5))
+    run = trainer.set_up()
+    run.global_step = 1
+    assert trainer.schedule(run, epoch=0).lr == pytest.approx(run.base_lr / 2, rel=1e-12)
+    run.global_step = 2
+    assert trainer.schedule(run, epoch=1).teacher_temp == pytest.approx(0.055, rel=1e-12)
+    run.global_step = 5
+    assert trainer.schedule(run, epoch=1).teacher_temp == pytest.approx(0.07, rel=1e-12)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        tiny_recipe(tmp_path, warmup_steps=-1).validate()
+
+
 def test_logging_evaluation_and_checkpoints_fall_due_at_their_steps(tmp_path):
     from types import SimpleNamespace
 

@@ -57,6 +57,9 @@ class DinoRecipe:
     warmup_teacher_temp: float = field(default=0.04, metadata=_help("teacher temperature at the start of warm-up"))
     teacher_temp: float = field(default=0.07, metadata=_help("teacher temperature after warm-up"))
     warmup_teacher_temp_epochs: int = field(default=30, metadata=_help("epochs of linear teacher-temperature warm-up"))
+    warmup_teacher_temp_steps: int | None = field(default=None, metadata=_help(
+        "optimizer steps of linear teacher-temperature warm-up (per step, not per epoch); overrides "
+        "--warmup_teacher_temp_epochs when set (short runs)"))
     student_temp: float = field(default=0.1, metadata=_help("student temperature"))
     center_momentum: float = field(default=0.9, metadata=_help("EMA momentum of the centre of teacher outputs"))
     # --- optimisation ---
@@ -66,6 +69,8 @@ class DinoRecipe:
         aliases=["--learning_rate"]))
     min_lr: float = field(default=1e-6, metadata=_help("learning rate at the end of the cosine schedule"))
     warmup_epochs: int = field(default=10, metadata=_help("epochs of linear learning-rate warm-up"))
+    warmup_steps: int | None = field(default=None, metadata=_help(
+        "optimizer steps of linear learning-rate warm-up; overrides --warmup_epochs when set (short runs)"))
     weight_decay: float = field(default=0.04, metadata=_help("weight decay at the start (cosine schedule)"))
     weight_decay_end: float = field(default=0.4, metadata=_help("weight decay at the end"))
     sgd_momentum: float = field(default=0.9, metadata=_help("momentum of --optimizer sgd"))
@@ -243,6 +248,9 @@ class DinoRecipe:
                 problems.append(f"{name}={getattr(self, name)} must satisfy 0 < min <= max <= 1")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append("max_steps must be >= 1 (or unset to use epochs)")
+        for name in ("warmup_steps", "warmup_teacher_temp_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 (or unset to count in epochs)")
         if self.eval_every is not None and self.eval_every < 1:
             problems.append("eval_every must be >= 1 (or unset)")
         if self.checkpointing_steps is not None and self.checkpointing_steps < 1:

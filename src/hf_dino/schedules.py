@@ -31,7 +31,8 @@ def teacher_temperature_schedule(epoch: int, warmup_teacher_temp: float, teacher
                                  warmup_teacher_temp_epochs: int) -> float:
     """Teacher temperature of an epoch: linear from `warmup_teacher_temp` (epoch 0) to
     `teacher_temp` (epoch `warmup_teacher_temp_epochs - 1`), then constant (the reference's
-    per-epoch `np.linspace` schedule)."""
+    per-epoch `np.linspace` schedule). Given a step and a number of steps instead, the same
+    warm-up runs per step (`warmup_teacher_temp_steps`)."""
     if epoch >= warmup_teacher_temp_epochs:
         return teacher_temp
     if warmup_teacher_temp_epochs == 1:

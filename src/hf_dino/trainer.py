@@ -485,14 +485,21 @@ class DinoTrainer:
 
     def schedule(self, run: TrainingRun, epoch: int) -> StepSchedule:
         """This step's lr (linear warm-up, then cosine), weight decay and teacher momentum (cosine),
-        and teacher temperature (linear warm-up per epoch, then constant), as the reference."""
+        and teacher temperature (linear warm-up per epoch as the reference, or per step with
+        `warmup_teacher_temp_steps`, then constant)."""
         recipe, step, total_steps = self.recipe, run.global_step, run.total_steps
+        warmup_steps = recipe.warmup_epochs * run.steps_per_epoch if recipe.warmup_steps is None else recipe.warmup_steps
+        if recipe.warmup_teacher_temp_steps is None:
+            teacher_temp = teacher_temperature_schedule(epoch, recipe.warmup_teacher_temp, recipe.teacher_temp,
+                                                        recipe.warmup_teacher_temp_epochs)
+        else:
+            teacher_temp = teacher_temperature_schedule(step, recipe.warmup_teacher_temp, recipe.teacher_temp,
+                                                        recipe.warmup_teacher_temp_steps)
         return StepSchedule(
-            lr=cosine_schedule(step, total_steps, run.base_lr, recipe.min_lr, recipe.warmup_epochs * run.steps_per_epoch),
+            lr=cosine_schedule(step, total_steps, run.base_lr, recipe.min_lr, warmup_steps),
             weight_decay=cosine_schedule(step, total_steps, recipe.weight_decay, recipe.weight_decay_end),
             momentum=cosine_schedule(step, total_steps, recipe.momentum_teacher, recipe.momentum_teacher_end),
-            teacher_temp=teacher_temperature_schedule(epoch, recipe.warmup_teacher_temp, recipe.teacher_temp,
-                                                      recipe.warmup_teacher_temp_epochs),
+            teacher_temp=teacher_temp,
         )
 
     def training_step(self, run: TrainingRun, crops: list[torch.Tensor], schedule: StepSchedule,
