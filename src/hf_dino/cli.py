@@ -232,6 +232,28 @@ class DataArguments:
                 raise ValueError(f"--{name} {value}: must be >= 1 (or unset for all)")
 
 
+@dataclass
+class SearchRunArguments:
+    """How an image-search evaluation runs (retrieval, copy detection): feature cache, decoding,
+    device and result file."""
+
+    features_cache: str | None = field(default=None, metadata={
+        "help": "folder of safetensors feature files: reused when model, preprocessing and file list match"})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader processes decoding images"})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda when available, else cpu)"})
+    output_json: str | None = field(default=None, metadata={"help": "write the result JSON here (it is also printed)"})
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"--num_workers {self.num_workers}: must be >= 0")
+
+    @property
+    def torch_device(self) -> str:
+        import torch
+
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_evaluation_splits(data: DataArguments):
     """(train split, held-out split) of `data.dataset_name`, capped by --max_*_samples."""
     try:

@@ -18,9 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from ..cli import emit_json, load_model_or_exit, model_field, parse_args, usage_error
+from ..cli import SearchRunArguments, emit_json, load_model_or_exit, model_field, parse_args, usage_error
 
 
 @dataclass
@@ -37,23 +35,16 @@ class CopyDetectionArguments:
     search_backend: str = field(default="torch", metadata={
         "help": "nearest-neighbour search: chunked torch matmul, or faiss (pip install 'hf_dino[faiss]')",
         "choices": ["torch", "faiss"]})
-    features_cache: str | None = field(default=None, metadata={
-        "help": "folder of safetensors feature files: reused when model, preprocessing and file list match"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader processes decoding images"})
-    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda when available, else cpu)"})
-    output_json: str | None = field(default=None, metadata={"help": "write the result JSON here (it is also printed)"})
 
     def __post_init__(self) -> None:
         if self.imsize < 16:
             raise ValueError(f"--imsize {self.imsize}: must be >= 16 (one patch)")
         if self.batch_size < 1:
             raise ValueError(f"--batch_size {self.batch_size}: must be >= 1")
-        if self.num_workers < 0:
-            raise ValueError(f"--num_workers {self.num_workers}: must be >= 0")
 
 
 def main(argv: list[str] | None = None) -> None:
-    (args,) = parse_args(CopyDetectionArguments, argv=argv, description=__doc__)
+    args, run = parse_args(CopyDetectionArguments, SearchRunArguments, argv=argv, description=__doc__)
     from ..evaluation.copy_detection import evaluate_copy_detection, read_layout
     from ..evaluation.search import UnreadableImageError, faiss_available, list_images, model_fingerprint
 
@@ -70,21 +61,21 @@ def main(argv: list[str] | None = None) -> None:
         usage_error(f"--whitening_data {args.whitening_data}: not a folder of images")
     if args.search_backend == "faiss" and not faiss_available():
         usage_error("--search_backend faiss: faiss is not installed; pip install 'hf_dino[faiss]' or use torch")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = run.torch_device
     model, _ = load_model_or_exit(args.model, device)
     if getattr(getattr(model, "backbone", model).config, "model_type", None) != "vit":
         usage_error(f"--model {args.model}: copy detection needs a ViT (CLS and patch tokens)")
     try:
         result = evaluate_copy_detection(
             model, args.data_path, imsize=args.imsize, whitening_data=args.whitening_data,
-            distractors=args.distractors_path, batch_size=args.batch_size, num_workers=args.num_workers,
-            device=device, features_cache=args.features_cache, model_key=model_fingerprint(args.model),
+            distractors=args.distractors_path, batch_size=args.batch_size, num_workers=run.num_workers,
+            device=device, features_cache=run.features_cache, model_key=model_fingerprint(args.model),
             search_backend=args.search_backend)
     except UnreadableImageError as error:
         sys.stderr.write(f"error: {error}\n")
         raise SystemExit(1) from None
     result.update({"model": args.model, "imsize": args.imsize})
-    emit_json(result, args.output_json)
+    emit_json(result, run.output_json)
 
 
 if __name__ == "__main__":

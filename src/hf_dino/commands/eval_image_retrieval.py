@@ -17,9 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from ..cli import emit_json, load_model_or_exit, model_field, parse_args, usage_error
+from ..cli import SearchRunArguments, emit_json, load_model_or_exit, model_field, parse_args, usage_error
 
 
 @dataclass
@@ -31,21 +29,14 @@ class RetrievalArguments:
     imsize: int = field(default=224, metadata={"help": "longest image side in pixels (images are never enlarged)"})
     multiscale: bool = field(default=False, metadata={
         "help": "mean CLS feature over scales 1, 1/sqrt(2) and 1/2, L2-normalised"})
-    features_cache: str | None = field(default=None, metadata={
-        "help": "folder of safetensors feature files: reused when model, preprocessing and file list match"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader processes decoding images"})
-    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda when available, else cpu)"})
-    output_json: str | None = field(default=None, metadata={"help": "write the result JSON here (it is also printed)"})
 
     def __post_init__(self) -> None:
         if self.imsize < 16:
             raise ValueError(f"--imsize {self.imsize}: must be >= 16 (one patch)")
-        if self.num_workers < 0:
-            raise ValueError(f"--num_workers {self.num_workers}: must be >= 0")
 
 
 def main(argv: list[str] | None = None) -> None:
-    (args,) = parse_args(RetrievalArguments, argv=argv, description=__doc__)
+    args, run = parse_args(RetrievalArguments, SearchRunArguments, argv=argv, description=__doc__)
     from ..evaluation.retrieval import dataset_files, evaluate_retrieval
     from ..evaluation.search import UnreadableImageError, model_fingerprint
 
@@ -57,17 +48,17 @@ def main(argv: list[str] | None = None) -> None:
         dataset_files(args.data_path, args.dataset)
     except (OSError, ValueError) as error:  # missing gnd / images, unsafe or malformed pickle
         usage_error(str(error))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = run.torch_device
     model, _ = load_model_or_exit(args.model, device)
     try:
         result = evaluate_retrieval(model, args.data_path, args.dataset, imsize=args.imsize,
-                                    multiscale=args.multiscale, device=device, num_workers=args.num_workers,
-                                    features_cache=args.features_cache, model_key=model_fingerprint(args.model))
+                                    multiscale=args.multiscale, device=device, num_workers=run.num_workers,
+                                    features_cache=run.features_cache, model_key=model_fingerprint(args.model))
     except UnreadableImageError as error:
         sys.stderr.write(f"error: {error}\n")
         raise SystemExit(1) from None
     result.update({"model": args.model, "imsize": args.imsize, "multiscale": args.multiscale})
-    emit_json(result, args.output_json)
+    emit_json(result, run.output_json)
 
 
 if __name__ == "__main__":
