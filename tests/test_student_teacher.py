@@ -40,3 +40,15 @@ def test_init_backbone_of_another_architecture_is_a_clear_error(tmp_path):
         build_student_and_teacher(tiny_recipe(tmp_path / "run", init_backbone=str(tmp_path / "small")))
     with pytest.raises(ValueError, match="init_backbone .* does not exist"):
         tiny_recipe(tmp_path / "run", init_backbone=str(tmp_path / "nowhere")).validate()
+
+
+def test_width_and_heads_override_the_preset(tmp_path):
+    """hidden_size 96 with 3 heads: a ViT of width 96 (MLP 4 x 96 = 384), 3 heads of 32 channels;
+    a width the heads do not divide fails before any work, naming both."""
+    student, teacher = build_student_and_teacher(tiny_recipe(tmp_path, hidden_size=96, num_attention_heads=3))
+    config = teacher.config.backbone_config
+    assert (config.hidden_size, config.num_attention_heads, config.intermediate_size) == (96, 3, 384)
+    assert student.backbone.layers[0].attention.q_proj.weight.shape == (96, 96)
+    assert student(torch.randn(2, 3, 16, 16)).features.shape == (2, 96)
+    with pytest.raises(ValueError, match="hidden_size 100 must be a positive multiple of num_attention_heads 3"):
+        tiny_recipe(tmp_path, hidden_size=100).validate()

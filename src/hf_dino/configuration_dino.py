@@ -28,6 +28,8 @@ def build_backbone_config(
     image_size: int = 224,
     *,
     num_hidden_layers: int | None = None,
+    hidden_size: int | None = None,
+    num_attention_heads: int | None = None,
 ) -> ViTConfig | ResNetConfig:
     """Return the transformers config of a named backbone preset.
 
@@ -36,11 +38,17 @@ def build_backbone_config(
         patch_size: ViT patch size in pixels (8 or 16 in the paper; any divisor of `image_size`).
         image_size: the global-crop resolution; other resolutions use `interpolate_pos_encoding`.
         num_hidden_layers: override the preset depth (small CPU demos); `None` keeps the preset.
+        hidden_size / num_attention_heads: override the preset width and heads (the MLP stays 4x
+            the width); `None` keeps the preset's. The width must be a multiple of the heads.
     """
     if arch in VIT_PRESETS:
         dims = dict(VIT_PRESETS[arch])
-        if num_hidden_layers is not None:
-            dims["num_hidden_layers"] = num_hidden_layers
+        overrides = {"num_hidden_layers": num_hidden_layers, "hidden_size": hidden_size,
+                     "num_attention_heads": num_attention_heads}
+        dims.update({name: value for name, value in overrides.items() if value is not None})
+        if dims["hidden_size"] % dims["num_attention_heads"]:
+            raise ValueError(f"hidden_size {dims['hidden_size']} is not a multiple of num_attention_heads "
+                             f"{dims['num_attention_heads']}")
         return ViTConfig(
             **dims,
             intermediate_size=VIT_MLP_RATIO * dims["hidden_size"],

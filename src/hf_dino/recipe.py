@@ -39,6 +39,10 @@ class DinoRecipe:
     patch_size: int = field(default=16, metadata=_help("ViT patch size in pixels (8 or 16 in the paper)"))
     num_hidden_layers: int | None = field(default=None, metadata=_help(
         "ViT depth; unset: the preset's depth (12); fewer blocks for CPU demos"))
+    hidden_size: int | None = field(default=None, metadata=_help(
+        "ViT width; unset: the preset's (vit_tiny 192, vit_small 384, vit_base 768)"))
+    num_attention_heads: int | None = field(default=None, metadata=_help(
+        "ViT attention heads; unset: the preset's (3, 6, 12); must divide the width"))
     out_dim: int = field(default=65536, metadata=_help("K, the number of DINO head outputs (prototypes)"))
     head_hidden_dim: int = field(default=2048, metadata=_help("hidden width of the head's 3-layer MLP"))
     head_bottleneck_dim: int = field(default=256, metadata=_help("L2-normalised bottleneck before the last layer"))
@@ -209,6 +213,11 @@ class DinoRecipe:
                 if size % self.patch_size:
                     problems.append(f"{name}={size} is not a multiple of patch_size={self.patch_size}; "
                                     f"use e.g. {max(self.patch_size, size // self.patch_size * self.patch_size)}")
+        if self.arch in VIT_PRESETS:
+            width = self.hidden_size or VIT_PRESETS[self.arch]["hidden_size"]
+            heads = self.num_attention_heads or VIT_PRESETS[self.arch]["num_attention_heads"]
+            if min(width, heads) < 1 or width % heads:
+                problems.append(f"hidden_size {width} must be a positive multiple of num_attention_heads {heads}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer {self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:

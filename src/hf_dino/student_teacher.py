@@ -19,20 +19,27 @@ from .recipe import DinoRecipe
 logger = logging.getLogger(__name__)
 
 
+def recipe_backbone_config(recipe: DinoRecipe):
+    """The backbone config the recipe's architecture fields describe (a preset, with its overrides)."""
+    return build_backbone_config(recipe.arch, recipe.patch_size, recipe.global_crop_size,
+                                 num_hidden_layers=recipe.num_hidden_layers, hidden_size=recipe.hidden_size,
+                                 num_attention_heads=recipe.num_attention_heads)
+
+
 def pretrained_backbone_config(recipe: DinoRecipe):
     """The config of `recipe.init_backbone`, checked against the recipe's architecture."""
     config = AutoConfig.from_pretrained(recipe.init_backbone)
-    expected = build_backbone_config(recipe.arch, recipe.patch_size, recipe.global_crop_size,
-                                     num_hidden_layers=recipe.num_hidden_layers)
+    expected = recipe_backbone_config(recipe)
     if config.model_type != expected.model_type:
         raise ValueError(f"init_backbone {recipe.init_backbone} is a {config.model_type!r} model but arch "
                          f"{recipe.arch!r} is {expected.model_type!r}; set --arch accordingly")
-    fields = ("hidden_size", "num_hidden_layers", "patch_size") if config.model_type == "vit" else ("hidden_sizes", "depths")
+    fields = (("hidden_size", "num_attention_heads", "num_hidden_layers", "patch_size") if config.model_type == "vit"
+              else ("hidden_sizes", "depths"))
     differences = [f"{name}: checkpoint {getattr(config, name)} vs recipe {getattr(expected, name)}"
                    for name in fields if getattr(config, name) != getattr(expected, name)]
     if differences:
         raise ValueError(f"init_backbone {recipe.init_backbone} does not match the recipe ({'; '.join(differences)}); "
-                         "set --arch / --patch_size / --num_hidden_layers to the checkpoint's")
+                         "set --arch / --patch_size / --num_hidden_layers / --hidden_size to the checkpoint's")
     if config.model_type == "vit":  # the checkpoint's own position grid; other sizes are interpolated
         config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
     return config
@@ -43,8 +50,7 @@ def build_dino_config(recipe: DinoRecipe, drop_path_rate: float) -> DinoConfig:
     if recipe.init_backbone:
         backbone_config = pretrained_backbone_config(recipe)
     else:
-        backbone_config = build_backbone_config(recipe.arch, recipe.patch_size, recipe.global_crop_size,
-                                                num_hidden_layers=recipe.num_hidden_layers)
+        backbone_config = recipe_backbone_config(recipe)
     return DinoConfig(
         backbone_config=backbone_config,
         out_dim=recipe.out_dim,
