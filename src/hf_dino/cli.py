@@ -186,15 +186,20 @@ def _as_declared(dataclass_type: type, name: str, value: Any) -> Any:
     return value
 
 
+def default_device(device: str | None = None) -> str:
+    """`device`, or when None: "cuda" when a GPU is available, else "cpu" (every command's default)."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model_or_exit(name_or_path: str, device: str | None = None, **kwargs: Any):
     """`evaluation.load_frozen_backbone(name_or_path, device, **kwargs)` -> (model, native size); a
     model that cannot be loaded (no such folder, no Hub access, not a backbone) is one usage error
-    naming --model. `device` None: cuda when available, else cpu."""
-    import torch
-
+    naming --model. `device` None: `default_device()`."""
     from .evaluation.features import load_frozen_backbone
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     try:
         return load_frozen_backbone(name_or_path, device, **kwargs)
     except (OSError, ValueError) as error:
@@ -246,12 +251,6 @@ class SearchRunArguments:
     def __post_init__(self) -> None:
         if self.num_workers < 0:
             raise ValueError(f"--num_workers {self.num_workers}: must be >= 0")
-
-    @property
-    def torch_device(self) -> str:
-        import torch
-
-        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_evaluation_splits(data: DataArguments):

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli import SearchRunArguments, emit_json, load_model_or_exit, model_field, parse_args, usage_error
+from ..cli import SearchRunArguments, default_device, emit_json, load_model_or_exit, model_field, parse_args, usage_error
 
 
 @dataclass
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         usage_error(f"--whitening_data {args.whitening_data}: not a folder of images")
     if args.search_backend == "faiss" and not faiss_available():
         usage_error("--search_backend faiss: faiss is not installed; pip install 'hf_dino[faiss]' or use torch")
-    device = run.torch_device
+    device = default_device(run.device)
     model, _ = load_model_or_exit(args.model, device)
     if getattr(getattr(model, "backbone", model).config, "model_type", None) != "vit":
         usage_error(f"--model {args.model}: copy detection needs a ViT (CLS and patch tokens)")

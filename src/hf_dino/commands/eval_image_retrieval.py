@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli import SearchRunArguments, emit_json, load_model_or_exit, model_field, parse_args, usage_error
+from ..cli import SearchRunArguments, default_device, emit_json, load_model_or_exit, model_field, parse_args, usage_error
 
 
 @dataclass
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset_files(args.data_path, args.dataset)
     except (OSError, ValueError) as error:  # missing gnd / images, unsafe or malformed pickle
         usage_error(str(error))
-    device = run.torch_device
+    device = default_device(run.device)
     model, _ = load_model_or_exit(args.model, device)
     try:
         result = evaluate_retrieval(model, args.data_path, args.dataset, imsize=args.imsize,

@@ -13,9 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import torch
-
-from ..cli import (DataArguments, emit_json, load_evaluation_splits, load_model_or_exit,
+from ..cli import (DataArguments, default_device, emit_json, load_evaluation_splits, load_model_or_exit,
                    model_field, parse_args, usage_error)
 from ..evaluation import RawPixels, knn_evaluate_splits
 from ..evaluation.features import knn_feature_fn
@@ -78,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.model and not args.raw_pixels:
         usage_error("--model is required (a backbone folder or Hub id), or --raw_pixels for the pixel baseline")
     logging.basicConfig(level=logging.INFO)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     if args.raw_pixels:
         model, native_size = RawPixels(), 32
     else:

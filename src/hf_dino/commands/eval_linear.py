@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..cli import DataArguments, emit_json, load_evaluation_splits, load_model_or_exit, model_field, parse_args
+from ..cli import DataArguments, default_device, emit_json, load_evaluation_splits, load_model_or_exit, model_field, parse_args
 from ..data import LabelledImageDataset, collate_labelled
 from ..evaluation.linear import LinearProbeConfig, class_names, save_image_classifier, train_linear_probe
 from ..transforms import evaluation_transform, linear_probe_train_transform
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     args, data, image = parse_args(LinearProbeArguments, DataArguments, EvaluationImageArguments, argv=argv,
                                    description=__doc__)
     logging.basicConfig(level=logging.INFO)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     model, native_size = load_model_or_exit(args.model, device, random_init=args.random_init, seed=args.seed)
     image_size = image.image_size or native_size
     train_split, val_split = load_evaluation_splits(data)

@@ -19,9 +19,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from ..cli import emit_json, load_model_or_exit, model_field, parse_args, usage_error
+from ..cli import default_device, emit_json, load_model_or_exit, model_field, parse_args, usage_error
 from ..evaluation.video_segmentation import (DavisInputError, PropagationSettings, evaluate_davis, image_set_names,
                                              load_sequence, video_backbone)
 
@@ -81,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     except DavisInputError as error:
         usage_error(str(error))
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
 
     model, _ = load_model_or_exit(args.model, device)
     try:

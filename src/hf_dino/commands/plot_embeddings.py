@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import (DataArguments, emit_json, load_evaluation_splits, load_model_or_exit,
+from ..cli import (DataArguments, default_device, emit_json, load_evaluation_splits, load_model_or_exit,
                    model_field, parse_args, usage_error)
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     split = split.select(subsample_indices(len(split), args.max_samples, args.seed).tolist())
     if len(split) < 3:
         usage_error(f"--dataset_name {data_args.dataset_name}: {len(split)} image(s); a map needs at least 3")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     model, native_size = load_model_or_exit(args.model, device)
     transform = evaluation_transform(args.image_size or native_size, args.resize_ratio)
     loader = torch.utils.data.DataLoader(

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
-from ..cli import emit_json, load_model_or_exit, model_field, parse_args, usage_error
+from ..cli import default_device, emit_json, load_model_or_exit, model_field, parse_args, usage_error
 
 
 @dataclass
@@ -55,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         open_video(args.input, args.fps)
     except VideoInputError as error:
         usage_error(f"--input {args.input}: {error}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     model, _ = load_model_or_exit(args.model, device)
     try:
         vit_backbone(model)
