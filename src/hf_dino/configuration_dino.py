@@ -22,6 +22,20 @@ RESNET_ARCHS = ("resnet50",)
 SUPPORTED_ARCHS = (*VIT_PRESETS, *RESNET_ARCHS)
 
 
+def vit_dimensions(arch: str, num_hidden_layers: int | None = None, hidden_size: int | None = None,
+                   num_attention_heads: int | None = None) -> dict[str, int]:
+    """{"hidden_size", "num_hidden_layers", "num_attention_heads"} of a ViT preset with the given
+    overrides (None keeps the preset's). ValueError when the heads do not divide the width."""
+    dims = dict(VIT_PRESETS[arch])
+    overrides = {"num_hidden_layers": num_hidden_layers, "hidden_size": hidden_size,
+                 "num_attention_heads": num_attention_heads}
+    dims.update({name: value for name, value in overrides.items() if value is not None})
+    if min(dims["hidden_size"], dims["num_attention_heads"]) < 1 or dims["hidden_size"] % dims["num_attention_heads"]:
+        raise ValueError(f"hidden_size {dims['hidden_size']} must be a positive multiple of num_attention_heads "
+                         f"{dims['num_attention_heads']}")
+    return dims
+
+
 def build_backbone_config(
     arch: str,
     patch_size: int = 16,
@@ -42,13 +56,7 @@ def build_backbone_config(
             the width); `None` keeps the preset's. The width must be a multiple of the heads.
     """
     if arch in VIT_PRESETS:
-        dims = dict(VIT_PRESETS[arch])
-        overrides = {"num_hidden_layers": num_hidden_layers, "hidden_size": hidden_size,
-                     "num_attention_heads": num_attention_heads}
-        dims.update({name: value for name, value in overrides.items() if value is not None})
-        if dims["hidden_size"] % dims["num_attention_heads"]:
-            raise ValueError(f"hidden_size {dims['hidden_size']} is not a multiple of num_attention_heads "
-                             f"{dims['num_attention_heads']}")
+        dims = vit_dimensions(arch, num_hidden_layers, hidden_size, num_attention_heads)
         return ViTConfig(
             **dims,
             intermediate_size=VIT_MLP_RATIO * dims["hidden_size"],

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .configuration_dino import SUPPORTED_ARCHS, VIT_PRESETS
+from .configuration_dino import SUPPORTED_ARCHS, VIT_PRESETS, vit_dimensions
 from .modeling_dino import ATTENTION_IMPLEMENTATIONS
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -214,10 +214,10 @@ class DinoRecipe:
                     problems.append(f"{name}={size} is not a multiple of patch_size={self.patch_size}; "
                                     f"use e.g. {max(self.patch_size, size // self.patch_size * self.patch_size)}")
         if self.arch in VIT_PRESETS:
-            width = self.hidden_size or VIT_PRESETS[self.arch]["hidden_size"]
-            heads = self.num_attention_heads or VIT_PRESETS[self.arch]["num_attention_heads"]
-            if min(width, heads) < 1 or width % heads:
-                problems.append(f"hidden_size {width} must be a positive multiple of num_attention_heads {heads}")
+            try:
+                vit_dimensions(self.arch, self.num_hidden_layers, self.hidden_size, self.num_attention_heads)
+            except ValueError as error:
+                problems.append(str(error))
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer {self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:

@@ -39,7 +39,8 @@ def pretrained_backbone_config(recipe: DinoRecipe):
                    for name in fields if getattr(config, name) != getattr(expected, name)]
     if differences:
         raise ValueError(f"init_backbone {recipe.init_backbone} does not match the recipe ({'; '.join(differences)}); "
-                         "set --arch / --patch_size / --num_hidden_layers / --hidden_size to the checkpoint's")
+                         "set --arch / --patch_size / --num_hidden_layers / --hidden_size / --num_attention_heads "
+                         "to the checkpoint's")
     if config.model_type == "vit":  # the checkpoint's own position grid; other sizes are interpolated
         config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
     return config
