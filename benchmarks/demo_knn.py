@@ -30,9 +30,9 @@ from PIL import Image
 DEMO_DATA = Path(__file__).resolve().parents[1] / "src" / "hf_dino" / "demo_data" / "cifar10"
 
 
-def pixel_keys(path: Path) -> list[str]:
-    """SHA-1 of each image's decoded RGB pixels (PNG bytes of equal pixels may differ)."""
-    images = pq.read_table(path, columns=["image"]).column("image").to_pylist()
+def pixel_keys(table) -> list[str]:
+    """SHA-1 of each image's decoded RGB pixels in a pyarrow table (PNG bytes of equal pixels may differ)."""
+    images = table.column("image").to_pylist()
     return [hashlib.sha1(np.asarray(Image.open(io.BytesIO(image["bytes"])).convert("RGB")).tobytes()).hexdigest()
             for image in images]
 
@@ -40,14 +40,16 @@ def pixel_keys(path: Path) -> list[str]:
 def held_out_queries(cifar10_dir: Path, work_dir: Path) -> dict[str, Path]:
     """Write val.parquet and test.parquet (see the module docstring) into `work_dir`."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    demo_train, demo_test = set(pixel_keys(DEMO_DATA / "train.parquet")), set(pixel_keys(DEMO_DATA / "test.parquet"))
+    demo_train, demo_test = (set(pixel_keys(pq.read_table(DEMO_DATA / name, columns=["image"])))
+                             for name in ("train.parquet", "test.parquet"))
     files = {}
     for split, source, excluded, limit in (("val", "train.parquet", demo_train, 5000),
                                            ("test", "test.parquet", demo_test, None)):
-        keys = pixel_keys(cifar10_dir / source)
+        table = pq.read_table(cifar10_dir / source)
+        keys = pixel_keys(table)
         rows = [index for index, key in enumerate(keys) if key not in excluded][:limit]
         files[split] = work_dir / f"{split}.parquet"
-        pq.write_table(pq.read_table(cifar10_dir / source).take(rows), files[split])
+        pq.write_table(table.take(rows), files[split])
         print(f"{split}: {len(rows)} queries from {cifar10_dir / source} ({len(keys) - len(rows)} left out)")
     return files
 
