@@ -259,3 +259,31 @@ def test_push_run_renders_evaluations_into_the_card(tmp_path, monkeypatch):
     assert sorted(r.metric_value for r in results) == [41.25, 55.5]
     assert 'AutoModel.from_pretrained("me/dino-tiny")' in upload["card"].text
     assert "https://huggingface.co/spaces/me/dino-app" in upload["card"].text
+
+
+def test_cifar_resnet_teacher_backbone_card_and_pipeline_use_its_remote_code(tmp_path):
+    """A CIFAR-stem ResNet's teacher_backbone/: its code beside the weights, a card that loads it with
+    `trust_remote_code=True`, and `pipeline(..., pool=True)` returning the teacher's pooled feature."""
+    import numpy as np
+    from transformers import pipeline
+
+    from hf_dino.hub import save_teacher_backbone
+    from hf_dino.student_teacher import build_student_and_teacher
+
+    recipe = DinoRecipe(arch="resnet18", resnet_stem="cifar", hidden_size=8, global_crop_size=32, local_crop_size=16,
+                        out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16)
+    _, teacher = build_student_and_teacher(recipe)
+    backbone_dir = save_teacher_backbone(teacher, tmp_path / "teacher_backbone", recipe, {"global_step": 1})
+    assert (backbone_dir / "modeling_cifar_resnet.py").exists()
+    card = (backbone_dir / "README.md").read_text()
+    assert 'from_pretrained("path/to/teacher_backbone", trust_remote_code=True)' in card
+    assert "small-image (CIFAR) stem" in card
+    vit_card = str(render_model_card(DinoRecipe(), RESULTS, "ViTModel"))
+    assert "trust_remote_code" not in vit_card
+    extractor = pipeline("image-feature-extraction", model=str(backbone_dir), trust_remote_code=True)
+    image = PILImage.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8))
+    pooled = torch.tensor(extractor(image, pool=True)).flatten(1)
+    pixel_values = AutoImageProcessor.from_pretrained(backbone_dir)(images=image, return_tensors="pt").pixel_values
+    assert pixel_values.shape[-2:] == (32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pooled, teacher.eval().backbone_features(pixel_values), rtol=1e-5, atol=1e-6)

@@ -41,7 +41,7 @@ def test_unknown_yaml_field_is_named(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--arch", "vit_huge"], "--arch: invalid choice: 'vit_huge' (choose from 'vit_tiny', 'vit_small', 'vit_base', 'resnet50')"),
+    (["--arch", "vit_huge"], "--arch: invalid choice: 'vit_huge' (choose from 'vit_tiny', 'vit_small', 'vit_base', 'resnet18', 'resnet34', 'resnet50')"),
     (["--global_crop_size", "100"], "global_crop_size=100 is not a multiple of patch_size=16"),
     (["--lr", "-0.1"], "lr=-0.1 is negative"),
     (["--optimizer", "lars"], "--optimizer: invalid choice: 'lars' (choose from 'adamw', 'sgd')"),
@@ -49,6 +49,9 @@ def test_unknown_yaml_field_is_named(tmp_path, capsys):
     (["--local_crops_scale", "0.5", "0.1"], "local_crops_scale"),
     (["--push_to_hub", "true"], "hub_model_id"),
     (["--attn_implementation", "flash"], "invalid choice: 'flash' (choose from 'auto', 'sdpa', 'eager')"),
+    (["--resnet_stem", "cifar"], "resnet_stem='cifar' applies to ResNets only"),
+    (["--arch", "resnet18", "--num_hidden_layers", "3"], "num_hidden_layers / num_attention_heads are ViT settings"),
+    (["--arch", "resnet18", "--resnet_stem", "small"], "--resnet_stem: invalid choice: 'small' (choose from 'imagenet', 'cifar')"),
 ])
 def test_bad_configuration_fails_with_a_message(argv, message, capsys):
     assert message in usage_error_of(argv, capsys)
@@ -88,7 +91,7 @@ def test_default_config_is_in_force_and_shown_by_help(capsys):
     with pytest.raises(SystemExit):
         parse_recipe(["--help"], default_config="demo_cifar10_cpu")
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--arch {vit_tiny,vit_small,vit_base,resnet50}" in help_text
+    assert "--arch {vit_tiny,vit_small,vit_base,resnet18,resnet34,resnet50}" in help_text
     assert "backbone architecture (default: vit_tiny)" in help_text  # the demo's, not the paper's vit_small
 
 

@@ -2,8 +2,10 @@
 
 from transformers import AutoConfig, AutoModel
 
+from .configuration_cifar_resnet import CifarResNetConfig
 from .configuration_dino import DinoConfig, build_backbone_config
 from .loss import DinoLoss, DinoLossOutput
+from .modeling_cifar_resnet import CifarResNetModel
 from .modeling_dino import DinoHead, DinoModel, DinoModelOutput
 from .recipe import DinoRecipe, parse_recipe
 from .transforms import MultiCropAugmentation, evaluation_transform
@@ -15,9 +17,13 @@ AutoModel.register(DinoConfig, DinoModel, exist_ok=True)
 # hf_dino is not installed.
 DinoConfig.register_for_auto_class()
 DinoModel.register_for_auto_class("AutoModel")
+# Likewise a CIFAR-stem ResNet's teacher_backbone/ (configuration_ / modeling_cifar_resnet.py); the
+# AutoConfig / AutoModel registration of this model type happens where DinoModel needs it.
+CifarResNetConfig.register_for_auto_class()
+CifarResNetModel.register_for_auto_class("AutoModel")
 
 __version__ = "0.1.0"
 __all__ = [
-    "DinoConfig", "DinoHead", "DinoLoss", "DinoLossOutput", "DinoModel", "DinoModelOutput", "DinoRecipe",
+    "CifarResNetConfig", "CifarResNetModel", "DinoConfig", "DinoHead", "DinoLoss", "DinoLossOutput", "DinoModel", "DinoModelOutput", "DinoRecipe",
     "MultiCropAugmentation", "build_backbone_config", "evaluation_transform", "parse_recipe",
 ]

@@ -18,6 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import BitImageProcessorPil, ViTModel
 from transformers.image_utils import PILImageResampling
 
+from .configuration_dino import RESNET_ARCHS
 from .modeling_dino import DinoModel
 from .recipe import DinoRecipe
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -158,7 +159,7 @@ def render_model_card(recipe: DinoRecipe, results: dict, backbone_class: str, re
     return ModelCard.from_template(
         card_data, template_path=str(find_card_template()),
         model_name=repo_id.split("/")[-1], repo_id=repo_id, backbone_class=backbone_class, space_id=space_id,
-        is_vit=is_vit,
+        is_vit=is_vit, remote_code=recipe.arch in RESNET_ARCHS and recipe.resnet_stem == "cifar",
         backbone_description=(f"ViT ({recipe.arch}, patch {recipe.patch_size})" if is_vit else recipe.arch),
         feature_expression=("outputs.pooler_output  # the DINO feature, = outputs.last_hidden_state[:, 0]" if is_vit
                             else "outputs.pooler_output.flatten(1)  # the DINO feature"),

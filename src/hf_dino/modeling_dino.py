@@ -4,7 +4,7 @@ Shapes use B = images per crop, V = number of crops (views), D = backbone featur
 K = `config.out_dim`.
 
 transformers saves this file (and the files it imports relatively) with every `DinoModel` as its
-remote code: it imports nothing of hf_dino but `configuration_dino`. Building a recipe's student
+remote code: it imports nothing of hf_dino but `configuration_dino` and the CIFAR-stem ResNet. Building a recipe's student
 and teacher lives beside it, in `student_teacher.py`.
 """
 
@@ -21,7 +21,12 @@ from transformers import initialization as init
 from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from .configuration_cifar_resnet import CifarResNetConfig
 from .configuration_dino import DinoConfig
+from .modeling_cifar_resnet import CifarResNetModel
+
+# `AutoModel.from_pretrained` of a saved CIFAR-stem ResNet backbone, where hf_dino is imported.
+AutoModel.register(CifarResNetConfig, CifarResNetModel, exist_ok=True)
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
 
@@ -217,7 +222,10 @@ class DinoModel(DinoPreTrainedModel):
 
     def __init__(self, config: DinoConfig):
         super().__init__(config)
-        self.backbone = AutoModel.from_config(config.backbone_config, **self._backbone_kwargs(config))
+        if config.backbone_config.model_type == CifarResNetConfig.model_type:  # direct: no remote-code prompt
+            self.backbone = CifarResNetModel(config.backbone_config)
+        else:
+            self.backbone = AutoModel.from_config(config.backbone_config, **self._backbone_kwargs(config))
         if config.drop_path_rate > 0 and self.is_vit:
             add_stochastic_depth(self.backbone, config.drop_path_rate)
         self.head = DinoHead(

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .configuration_dino import SUPPORTED_ARCHS, VIT_PRESETS, vit_dimensions
+from .configuration_dino import RESNET_STEMS, SUPPORTED_ARCHS, VIT_PRESETS, build_backbone_config
 from .modeling_dino import ATTENTION_IMPLEMENTATIONS
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -40,9 +40,14 @@ class DinoRecipe:
     num_hidden_layers: int | None = field(default=None, metadata=_help(
         "ViT depth; unset: the preset's depth (12); fewer blocks for CPU demos"))
     hidden_size: int | None = field(default=None, metadata=_help(
-        "ViT width; unset: the preset's (vit_tiny 192, vit_small 384, vit_base 768)"))
+        "ViT width; unset: the preset's (vit_tiny 192, vit_small 384, vit_base 768). ResNet: the first "
+        "stage's width, doubled per stage (unset: 64)"))
     num_attention_heads: int | None = field(default=None, metadata=_help(
         "ViT attention heads; unset: the preset's (3, 6, 12); must divide the width"))
+    resnet_stem: str = field(default="imagenet", metadata=_help(
+        "ResNet stem: imagenet (7x7 stride-2 convolution + max-pool; a plain transformers ResNetModel) or cifar "
+        "(3x3 stride 1, no max-pool, for 32 px images; saved with its code: load with trust_remote_code=True "
+        "where hf_dino is not installed)", choices=list(RESNET_STEMS)))
     out_dim: int = field(default=65536, metadata=_help("K, the number of DINO head outputs (prototypes)"))
     head_hidden_dim: int = field(default=2048, metadata=_help("hidden width of the head's 3-layer MLP"))
     head_bottleneck_dim: int = field(default=256, metadata=_help("L2-normalised bottleneck before the last layer"))
@@ -213,11 +218,15 @@ class DinoRecipe:
                 if size % self.patch_size:
                     problems.append(f"{name}={size} is not a multiple of patch_size={self.patch_size}; "
                                     f"use e.g. {max(self.patch_size, size // self.patch_size * self.patch_size)}")
-        if self.arch in VIT_PRESETS:
+        if self.arch in SUPPORTED_ARCHS:
             try:
-                vit_dimensions(self.arch, self.num_hidden_layers, self.hidden_size, self.num_attention_heads)
+                build_backbone_config(self.arch, self.patch_size, self.global_crop_size,
+                                      num_hidden_layers=self.num_hidden_layers, hidden_size=self.hidden_size,
+                                      num_attention_heads=self.num_attention_heads, resnet_stem=self.resnet_stem)
             except ValueError as error:
                 problems.append(str(error))
+        if self.arch in VIT_PRESETS and self.resnet_stem != "imagenet":
+            problems.append(f"resnet_stem={self.resnet_stem!r} applies to ResNets only; remove it for {self.arch}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer {self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:

@@ -23,7 +23,7 @@ def recipe_backbone_config(recipe: DinoRecipe):
     """The backbone config the recipe's architecture fields describe (a preset, with its overrides)."""
     return build_backbone_config(recipe.arch, recipe.patch_size, recipe.global_crop_size,
                                  num_hidden_layers=recipe.num_hidden_layers, hidden_size=recipe.hidden_size,
-                                 num_attention_heads=recipe.num_attention_heads)
+                                 num_attention_heads=recipe.num_attention_heads, resnet_stem=recipe.resnet_stem)
 
 
 def pretrained_backbone_config(recipe: DinoRecipe):
@@ -31,10 +31,11 @@ def pretrained_backbone_config(recipe: DinoRecipe):
     config = AutoConfig.from_pretrained(recipe.init_backbone)
     expected = recipe_backbone_config(recipe)
     if config.model_type != expected.model_type:
-        raise ValueError(f"init_backbone {recipe.init_backbone} is a {config.model_type!r} model but arch "
-                         f"{recipe.arch!r} is {expected.model_type!r}; set --arch accordingly")
+        raise ValueError(f"init_backbone {recipe.init_backbone} is a {config.model_type!r} model but the recipe "
+                         f"(arch {recipe.arch!r}, resnet_stem {recipe.resnet_stem!r}) is {expected.model_type!r}; "
+                         "set --arch / --resnet_stem accordingly")
     fields = (("hidden_size", "num_attention_heads", "num_hidden_layers", "patch_size") if config.model_type == "vit"
-              else ("hidden_sizes", "depths"))
+              else ("hidden_sizes", "depths", "layer_type"))
     differences = [f"{name}: checkpoint {getattr(config, name)} vs recipe {getattr(expected, name)}"
                    for name in fields if getattr(config, name) != getattr(expected, name)]
     if differences:

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..configuration_dino import RESNET_MODEL_TYPES
+
 
 class RawPixels(nn.Module):
     """Baseline "backbone" whose feature is the flattened normalised image (B, 3 * H * W)."""
@@ -30,7 +32,7 @@ def backbone_cls_features(model: nn.Module, pixel_values: torch.Tensor) -> torch
     if hasattr(model, "backbone_features"):
         return model.backbone_features(pixel_values)
     model_type = getattr(model.config, "model_type", None)
-    if model_type == "resnet":
+    if model_type in RESNET_MODEL_TYPES:
         return model(pixel_values=pixel_values).pooler_output.flatten(1)
     kwargs = {"interpolate_pos_encoding": True} if model_type == "vit" else {}
     return model(pixel_values=pixel_values, **kwargs).last_hidden_state[:, 0]
