@@ -120,17 +120,16 @@ def train_lightly(recipe) -> tuple[torch.nn.Module, float, int]:
     from lightly.models.utils import update_momentum
     from lightly.transforms import DINOTransform
     from lightly.utils.scheduler import cosine_schedule
-    from transformers import AutoModel
 
     from hf_dino.data import DEMO_DATASET_DIR
+    from hf_dino.modeling_dino import DinoModel
     from hf_dino.optimization import clip_gradients_per_parameter
-    from hf_dino.student_teacher import build_dino_config, recipe_backbone_config
+    from hf_dino.student_teacher import build_dino_config
 
     torch.manual_seed(recipe.seed)
-    backbone_config = recipe_backbone_config(recipe)
-    backbone = AutoModel.from_config(backbone_config, **({"add_pooling_layer": False}
-                                                         if backbone_config.model_type == "vit" else {}))
-    feature_dim = build_dino_config(recipe, 0.0).backbone_feature_dim
+    dino_config = build_dino_config(recipe, 0.0)
+    backbone = DinoModel(dino_config).backbone  # built first, so from the same seeded stream as hf_dino's
+    feature_dim = dino_config.backbone_feature_dim
     student = LightlyDino(backbone, recipe, feature_dim)
     # As lightly's DINO example: the teacher's head is built anew (its weight-normalised last layer cannot
     # be deep-copied); here it then takes the student's weights, so both start equal as in the paper.
@@ -225,13 +224,15 @@ def main() -> None:
     import lightly
     from datasets import load_dataset
 
-    from benchmarks.demo_knn import DEMO_DATA, held_out_queries
+    from benchmarks.demo_knn import held_out_queries
+
+    from hf_dino.data import DEMO_DATASET_DIR
 
     logging.basicConfig(level=logging.WARNING)
     datasets.disable_progress_bars()
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="lightly_comparison_"))
     queries = held_out_queries(args.cifar10_dir, work_dir / "queries")
-    bank = load_dataset("parquet", data_files=str(DEMO_DATA / "train.parquet"), split="train")
+    bank = load_dataset("parquet", data_files=str(DEMO_DATASET_DIR / "train.parquet"), split="train")
     test = load_dataset("parquet", data_files=str(queries["test"]), split="train")
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"machine: {machine}; lightly {lightly.__version__}")

@@ -207,6 +207,13 @@ class DinoRecipe:
         values = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
+    def backbone_config(self):
+        """The transformers config of the backbone the architecture fields describe (a preset with
+        its overrides); ValueError for an invalid combination."""
+        return build_backbone_config(self.arch, self.patch_size, self.global_crop_size,
+                                     num_hidden_layers=self.num_hidden_layers, hidden_size=self.hidden_size,
+                                     num_attention_heads=self.num_attention_heads, resnet_stem=self.resnet_stem)
+
     def validate(self) -> None:
         """Raise ValueError naming every problem and what to change, before any work starts."""
         problems = []
@@ -220,9 +227,7 @@ class DinoRecipe:
                                     f"use e.g. {max(self.patch_size, size // self.patch_size * self.patch_size)}")
         if self.arch in SUPPORTED_ARCHS:
             try:
-                build_backbone_config(self.arch, self.patch_size, self.global_crop_size,
-                                      num_hidden_layers=self.num_hidden_layers, hidden_size=self.hidden_size,
-                                      num_attention_heads=self.num_attention_heads, resnet_stem=self.resnet_stem)
+                self.backbone_config()
             except ValueError as error:
                 problems.append(str(error))
         if self.arch in VIT_PRESETS and self.resnet_stem != "imagenet":

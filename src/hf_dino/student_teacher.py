@@ -12,24 +12,17 @@ import logging
 
 from transformers import AutoConfig, AutoModel
 
-from .configuration_dino import DinoConfig, build_backbone_config
+from .configuration_dino import DinoConfig
 from .modeling_dino import DinoModel
 from .recipe import DinoRecipe
 
 logger = logging.getLogger(__name__)
 
 
-def recipe_backbone_config(recipe: DinoRecipe):
-    """The backbone config the recipe's architecture fields describe (a preset, with its overrides)."""
-    return build_backbone_config(recipe.arch, recipe.patch_size, recipe.global_crop_size,
-                                 num_hidden_layers=recipe.num_hidden_layers, hidden_size=recipe.hidden_size,
-                                 num_attention_heads=recipe.num_attention_heads, resnet_stem=recipe.resnet_stem)
-
-
 def pretrained_backbone_config(recipe: DinoRecipe):
     """The config of `recipe.init_backbone`, checked against the recipe's architecture."""
     config = AutoConfig.from_pretrained(recipe.init_backbone)
-    expected = recipe_backbone_config(recipe)
+    expected = recipe.backbone_config()
     if config.model_type != expected.model_type:
         raise ValueError(f"init_backbone {recipe.init_backbone} is a {config.model_type!r} model but the recipe "
                          f"(arch {recipe.arch!r}, resnet_stem {recipe.resnet_stem!r}) is {expected.model_type!r}; "
@@ -52,7 +45,7 @@ def build_dino_config(recipe: DinoRecipe, drop_path_rate: float) -> DinoConfig:
     if recipe.init_backbone:
         backbone_config = pretrained_backbone_config(recipe)
     else:
-        backbone_config = recipe_backbone_config(recipe)
+        backbone_config = recipe.backbone_config()
     return DinoConfig(
         backbone_config=backbone_config,
         out_dim=recipe.out_dim,
