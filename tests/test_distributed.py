@@ -371,3 +371,35 @@ def test_accelerate_configs_load(name, engine):
         assert config.fsdp_config["fsdp_version"] == 2  # the shard-wise EMA needs per-parameter shards
     if engine == "DEEPSPEED":
         assert config.deepspeed_config["zero_stage"] == 2 and config.deepspeed_config["gradient_clipping"] == 3.0
+
+
+SINKHORN_WORKER = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import torch.distributed as dist
+from hf_dino.loss import sinkhorn_knopp
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+scores = torch.randn(12, 6) / 0.05  # the same on both processes; each holds half the samples
+q_half = sinkhorn_knopp(scores[rank * 6:(rank + 1) * 6], 3)
+gathered = [torch.empty_like(q_half) for _ in range(2)]
+dist.all_gather(gathered, q_half)
+dist.destroy_process_group()  # now undistributed: the whole batch on one process
+expected = sinkhorn_knopp(scores, 3)
+torch.testing.assert_close(torch.cat(gathered), expected, rtol=1e-5, atol=1e-7)
+if rank == 0:
+    print("SINKHORN OK", flush=True)
+'''
+
+
+def test_sinkhorn_knopp_over_two_processes_equals_the_whole_batch(tmp_path):
+    """Sinkhorn-Knopp balances prototypes over the global batch: two processes with 6 samples each
+    get the rows that one process gets for all 12."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(SINKHORN_WORKER)
+    completed = run_with_timeout([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
+                                  str(ROOT / "src")], timeout=120)
+    assert completed.returncode == 0 and "SINKHORN OK" in completed.stdout, completed.stderr[-3000:]

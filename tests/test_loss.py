@@ -95,3 +95,117 @@ def test_centering_changes_teacher_distribution():
 def test_rejects_inconsistent_view_counts():
     with pytest.raises(ValueError, match="multiple of the batch"):
         DinoLoss(4)(torch.zeros(7, 4), torch.zeros(4, 4), 0.04)
+
+
+# ---------------------------------------------------------------- Sinkhorn-Knopp targets
+def sinkhorn_by_hand(scores, iterations):
+    """SwAV's Sinkhorn-Knopp written from the paper with numpy loops: P = exp(scores), then alternately
+    scale every prototype column to total 1/K and every sample row to total 1/N; returns N * P."""
+    import numpy as np
+
+    p = np.exp(np.asarray(scores, dtype=np.float64))
+    p /= p.sum()
+    n, k = p.shape
+    for _ in range(iterations):
+        for j in range(k):
+            p[:, j] = p[:, j] / p[:, j].sum() / k
+        for i in range(n):
+            p[i, :] = p[i, :] / p[i, :].sum() / n
+    return n * p
+
+
+def test_sinkhorn_knopp_matches_the_hand_written_iterations():
+    from hf_dino.loss import sinkhorn_knopp
+
+    torch.manual_seed(0)
+    scores = torch.randn(6, 4, dtype=torch.float64) * 3
+    for iterations in (1, 3):
+        torch.testing.assert_close(sinkhorn_knopp(scores, iterations).double(),
+                                   torch.from_numpy(sinkhorn_by_hand(scores.numpy(), iterations)),
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_sinkhorn_knopp_two_by_two_by_hand():
+    """scores log([[3, 1], [1, 1]]): columns (4, 2) -> [[3/8, 1/4], [1/8, 1/4]] (each column 1/2);
+    rows (5/8, 3/8) -> [[3/5, 2/5], [1/3, 2/3]] after the row step (times N = 2, over 2)."""
+    from hf_dino.loss import sinkhorn_knopp
+
+    scores = torch.tensor([[3.0, 1.0], [1.0, 1.0]]).log()
+    expected = torch.tensor([[3 / 5, 2 / 5], [1 / 3, 2 / 3]])
+    torch.testing.assert_close(sinkhorn_knopp(scores, 1), expected)
+
+
+def test_sinkhorn_knopp_balances_prototypes_and_survives_large_logits():
+    from hf_dino.loss import sinkhorn_knopp
+
+    torch.manual_seed(0)
+    # cosine logits in [-1, 1] over a 0.02 temperature: exp() of them spans e^100, beyond float32
+    scores = (torch.rand(64, 16) * 2 - 1) / 0.02
+    q = sinkhorn_knopp(scores, 1000)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.sum(1), torch.ones(64))
+    torch.testing.assert_close(q.sum(0), torch.full((16,), 64 / 16), rtol=1e-3, atol=1e-3)
+
+
+def test_sinkhorn_centering_targets_and_entropy():
+    """With `centering="sinkhorn_knopp"` the targets are `sinkhorn_knopp` of logits / temperature (the
+    EMA centre is ignored), and teacher_entropy is the targets' entropy."""
+    from hf_dino.loss import sinkhorn_knopp
+
+    torch.manual_seed(0)
+    batch, out_dim = 4, 8
+    loss_fn = DinoLoss(out_dim, centering="sinkhorn_knopp")
+    loss_fn.center.fill_(5.0)
+    student = torch.randn(3 * batch, out_dim, dtype=torch.float64)
+    teacher = torch.randn(2 * batch, out_dim, dtype=torch.float64)
+    q = sinkhorn_knopp(teacher / 0.04, 3).view(2, batch, out_dim).double()
+    log_p = torch.log_softmax(student / 0.1, dim=-1).view(3, batch, out_dim)
+    pairs = [-(q[t] * log_p[v]).sum(-1).mean() for t in range(2) for v in range(3) if v != t]
+    output = loss_fn(student, teacher, 0.04)
+    torch.testing.assert_close(output.loss.double(), torch.stack(pairs).mean(), rtol=1e-5, atol=1e-6)
+    entropy = -torch.where(q > 0, q * q.log(), torch.zeros_like(q)).sum(-1).mean()  # 0 log 0 = 0
+    torch.testing.assert_close(output.teacher_entropy.double(), entropy, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_centering_is_rejected():
+    with pytest.raises(ValueError, match="centering must be one of center, sinkhorn_knopp"):
+        DinoLoss(8, centering="mean")
+
+
+# ---------------------------------------------------------------- KoLeo
+def koleo_by_hand(features):
+    """-mean log(distance to the nearest other point) of the L2-normalised rows, with numpy."""
+    import numpy as np
+
+    x = np.asarray(features, dtype=np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    distances = np.linalg.norm(x[:, None, :] - x[None, :, :], axis=-1)
+    np.fill_diagonal(distances, np.inf)
+    return -np.log(distances.min(1)).mean()
+
+
+def test_koleo_three_points_by_hand():
+    from hf_dino.loss import KoLeoLoss
+
+    # normalised: (1, 0), (0, 1), (-1, 0): every nearest neighbour is sqrt(2) away
+    features = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
+    assert KoLeoLoss()(features).item() == pytest.approx(-0.5 * math.log(2.0), abs=1e-6)
+
+
+def test_koleo_matches_numpy_and_pushes_neighbours_apart():
+    from hf_dino.loss import KoLeoLoss
+
+    torch.manual_seed(0)
+    features = torch.randn(32, 8, requires_grad=True)
+    loss = KoLeoLoss()(features)
+    assert loss.item() == pytest.approx(koleo_by_hand(features.detach().numpy()), abs=1e-5)
+    loss.backward()
+    with torch.no_grad():  # a small step against the gradient spreads the points: the estimate drops
+        assert KoLeoLoss()(features - 0.05 * features.grad).item() < loss.item()
+
+
+def test_koleo_rejects_a_single_feature():
+    from hf_dino.loss import KoLeoLoss
+
+    with pytest.raises(ValueError, match="N >= 2"):
+        KoLeoLoss()(torch.randn(1, 4))

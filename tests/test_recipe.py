@@ -130,3 +130,15 @@ def test_colour_augmentation_fields_reach_the_pipeline_and_are_validated():
         DinoRecipe(color_jitter_prob=1.5).validate()
     with pytest.raises(ValueError, match="hue <= 0.5"):
         DinoRecipe(color_jitter=(0.4, 0.4, 0.2, 0.7)).validate()
+
+
+def test_koleo_and_sinkhorn_fields_are_validated():
+    recipe = parse_recipe(["--koleo_loss_weight", "0.1", "--teacher_centering", "sinkhorn_knopp"])
+    assert (recipe.koleo_loss_weight, recipe.teacher_centering) == (0.1, "sinkhorn_knopp")
+    assert (DinoRecipe().koleo_loss_weight, DinoRecipe().teacher_centering) == (0.0, "center")  # the paper's
+    with pytest.raises(ValueError, match="koleo_loss_weight=-0.1 is negative"):
+        DinoRecipe(koleo_loss_weight=-0.1).validate()
+    with pytest.raises(ValueError, match="batch_size_per_device >= 2"):
+        DinoRecipe(koleo_loss_weight=0.1, batch_size_per_device=1).validate()
+    with pytest.raises(ValueError, match="teacher_centering 'mean' is unknown"):
+        DinoRecipe(teacher_centering="mean").validate()

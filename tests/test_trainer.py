@@ -647,7 +647,51 @@ def test_metrics_window_averages_over_steps_and_accumulated_batches():
             window.add(DinoLossOutput(torch.tensor(loss), torch.tensor(0.5), torch.tensor(loss / 10)), 8, 2)
         window.steps += 1
     assert window.means(Accelerator(cpu=True)) == pytest.approx(
-        {"loss": 4.0, "teacher_entropy": 0.5, "kl_student_teacher": 0.4})
+        {"loss": 4.0, "teacher_entropy": 0.5, "kl_student_teacher": 0.4, "koleo_loss": 0.0})  # no KoLeo term added
     assert window.images == 32
     window.reset()
     assert (window.steps, window.images, window.sums["loss"].item()) == (0, 0, 0.0)
+
+
+def test_koleo_regulariser_adds_its_gradient_and_is_logged(tmp_path):
+    """With koleo_loss_weight w, the student's accumulated gradient is that of (DINO loss + w x mean over the
+    two global crops of -mean log nearest-neighbour distance of the normalised backbone features) / 2
+    (gradient accumulation 2), the KoLeo term written out here; metrics.jsonl logs koleo_loss."""
+    import copy
+
+    recipe = tiny_recipe(tmp_path, gradient_accumulation_steps=2, batch_size_per_device=4, warmup_epochs=0,
+                         koleo_loss_weight=0.5, drop_path_rate=0.0, clip_grad=0.0)
+    trainer = DinoTrainer(recipe)
+    run = trainer.set_up()
+    run.student.train(), run.teacher.train()
+    student_0, teacher_0 = copy.deepcopy(trainer.student), copy.deepcopy(run.teacher)
+    crops = two_batches_of_crops()[0]
+    schedule = trainer.schedule(run, epoch=1)
+    output, stepped = trainer.training_step(run, crops, schedule, epoch=1)
+    assert not stepped and output.koleo_loss is not None
+
+    with torch.no_grad():
+        teacher_logits = teacher_0(crops[:2]).logits
+    student_output = student_0(crops)
+    dino = DinoLoss(recipe.out_dim)(student_output.logits, teacher_logits, schedule.teacher_temp).loss
+    koleo_terms = []
+    for features in student_output.features[:8].chunk(2):
+        x = torch.nn.functional.normalize(features, dim=-1)
+        distances = torch.cdist(x, x) + torch.eye(4) * 10  # never one's own neighbour
+        koleo_terms.append(-torch.log(distances.min(1).values).mean())
+    koleo = torch.stack(koleo_terms).mean()
+    torch.testing.assert_close(output.koleo_loss, koleo, rtol=1e-5, atol=1e-6)
+    ((dino + 0.5 * koleo) / 2).backward()
+    for (name, parameter), expected in zip(trainer.student.named_parameters(), student_0.parameters()):
+        if expected.grad is not None:
+            torch.testing.assert_close(parameter.grad, expected.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    DinoTrainer(tiny_recipe(tmp_path / "run", koleo_loss_weight=0.1)).train()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(line["koleo_loss"]) for line in lines)
+
+
+def test_sinkhorn_knopp_centering_trains(tmp_path):
+    DinoTrainer(tiny_recipe(tmp_path, teacher_centering="sinkhorn_knopp")).train()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(line["loss"]) for line in lines) and "koleo_loss" not in lines[0]

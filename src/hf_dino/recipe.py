@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .configuration_dino import RESNET_STEMS, SUPPORTED_ARCHS, VIT_PRESETS, build_backbone_config
+from .loss import TEACHER_CENTERINGS
 from .modeling_dino import ATTENTION_IMPLEMENTATIONS
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -71,6 +72,12 @@ class DinoRecipe:
         "--warmup_teacher_temp_epochs when set (short runs)"))
     student_temp: float = field(default=0.1, metadata=_help("student temperature"))
     center_momentum: float = field(default=0.9, metadata=_help("EMA momentum of the centre of teacher outputs"))
+    teacher_centering: str = field(default="center", metadata=_help(
+        "teacher targets: center (the paper: softmax of the logits minus an EMA centre) or sinkhorn_knopp "
+        "(DINOv2's option: 3 Sinkhorn-Knopp iterations over the global batch)", choices=list(TEACHER_CENTERINGS)))
+    koleo_loss_weight: float = field(default=0.0, metadata=_help(
+        "weight of the KoLeo regulariser on the student's backbone features of each global crop (DINOv2: 0.1); "
+        "0: the paper's loss"))
     # --- optimisation ---
     optimizer: str = field(default="adamw", metadata=_help("optimizer", choices=list(OPTIMIZERS)))
     lr: float = field(default=0.0005, metadata=_help(
@@ -243,7 +250,14 @@ class DinoRecipe:
                             f"use none, all or a comma-separated list of {', '.join(TRACKERS)}")
         if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
             problems.append(f"attn_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
-        for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "drop_path_rate"):
+        if self.teacher_centering not in TEACHER_CENTERINGS:
+            problems.append(f"teacher_centering {self.teacher_centering!r} is unknown; use one of "
+                            f"{', '.join(TEACHER_CENTERINGS)}")
+        if self.koleo_loss_weight > 0 and self.batch_size_per_device < 2:
+            problems.append("koleo_loss_weight > 0 needs batch_size_per_device >= 2 (each feature's nearest "
+                            "neighbour is another image of the device's batch)")
+        for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "drop_path_rate",
+                     "koleo_loss_weight"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} is negative; it must be >= 0")
         for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):

@@ -49,7 +49,7 @@ from .data import (
     streamed_split_length,
 )
 from .evaluation import knn_evaluate_splits
-from .loss import DinoLoss, DinoLossOutput
+from .loss import DinoLoss, DinoLossOutput, KoLeoLoss
 from .modeling_dino import DinoModel, training_attention_implementation
 from .optimization import (
     build_optimizer,
@@ -209,6 +209,7 @@ class TrainingRun:
     teacher: DinoModel  # never wrapped for gradient synchronisation (FSDP2: sharded like the student)
     optimizer: torch.optim.Optimizer
     dino_loss: DinoLoss  # holds the centre
+    koleo_loss: KoLeoLoss
     student_forward: Callable  # the student, or its torch.compile'd forward
     teacher_forward: Callable
     student_parameters: list[nn.Parameter]  # of the unwrapped student, in the teacher's order
@@ -233,7 +234,7 @@ class MetricsWindow:
     """Sums of the loss statistics over the optimizer steps since the last log line, kept as device
     tensors so that a step never waits for the host; `means` averages them over steps and processes."""
 
-    NAMES = ("loss", "teacher_entropy", "kl_student_teacher")
+    NAMES = ("loss", "teacher_entropy", "kl_student_teacher", "koleo_loss")
 
     def __init__(self, device: torch.device):
         self.sums = {name: torch.zeros((), device=device) for name in self.NAMES}
@@ -250,6 +251,8 @@ class MetricsWindow:
         self.sums["loss"] += output.loss.detach() / gradient_accumulation_steps
         self.sums["teacher_entropy"] += output.teacher_entropy / gradient_accumulation_steps
         self.sums["kl_student_teacher"] += output.kl_student_teacher / gradient_accumulation_steps
+        if output.koleo_loss is not None:
+            self.sums["koleo_loss"] += output.koleo_loss.detach() / gradient_accumulation_steps
         self.images += images
 
     def means(self, accelerator: Accelerator) -> dict[str, float]:
@@ -419,7 +422,8 @@ class DinoTrainer:
             getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
         teacher.to(accelerator.device)
         dino_loss = DinoLoss(recipe.out_dim, num_teacher_views=2, student_temperature=recipe.student_temp,
-                             center_momentum=recipe.center_momentum).to(accelerator.device)
+                             center_momentum=recipe.center_momentum,
+                             centering=recipe.teacher_centering).to(accelerator.device)
         student.to(accelerator.device)
         optimizer = build_optimizer(student, recipe.optimizer, recipe.sgd_momentum)
         if self._deepspeed:
@@ -444,7 +448,7 @@ class DinoTrainer:
         steps_per_epoch = batches_per_epoch // recipe.gradient_accumulation_steps
         total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
         run = TrainingRun(
-            student=student, teacher=teacher, optimizer=optimizer, dino_loss=dino_loss,
+            student=student, teacher=teacher, optimizer=optimizer, dino_loss=dino_loss, koleo_loss=KoLeoLoss(),
             # compiled forwards for the step; everything else (EMA, clipping, saving) uses the modules
             student_forward=torch.compile(student) if recipe.torch_compile else student,
             teacher_forward=torch.compile(teacher) if recipe.torch_compile else teacher,
@@ -517,9 +521,14 @@ class DinoTrainer:
         with accelerator.accumulate(run.student):
             with torch.no_grad(), accelerator.autocast():
                 teacher_logits = run.teacher_forward(crops[:2]).logits
-            student_logits = run.student_forward(crops).logits
-            output = run.dino_loss(student_logits, teacher_logits, schedule.teacher_temp)
-            accelerator.backward(output.loss)
+            student_output = run.student_forward(crops)
+            output = run.dino_loss(student_output.logits, teacher_logits, schedule.teacher_temp)
+            total_loss = output.loss
+            if recipe.koleo_loss_weight > 0:  # on each global crop's features separately, as DINOv2
+                global_features = student_output.features[:teacher_logits.shape[0]].chunk(2)
+                output.koleo_loss = sum(run.koleo_loss(features) for features in global_features) / 2
+                total_loss = total_loss + recipe.koleo_loss_weight * output.koleo_loss
+            accelerator.backward(total_loss)
             run.dino_loss.accumulate_center(teacher_logits)
             if not accelerator.sync_gradients:
                 return output, False
@@ -560,6 +569,8 @@ class DinoTrainer:
                    "num_skipped_images": self._total_skipped_images(),
                    "num_skipped_batches": self.num_skipped_batches,
                    "elapsed_s": time.perf_counter() - start_time}
+        if not self.recipe.koleo_loss_weight:
+            del metrics["koleo_loss"]
         self._check_finite(metrics["loss"], run.global_step - window.steps + 1, run.global_step)
         return metrics
 
