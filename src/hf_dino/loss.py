@@ -40,10 +40,11 @@ class DinoLossOutput:
 TEACHER_CENTERINGS = ("center", "sinkhorn_knopp")
 
 
-def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
-    """In-place all-reduce over the default process group when there is one; returns `tensor`."""
+def _all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce ("sum" or "max") over the default process group when there is one;
+    returns `tensor`."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return tensor
 
 
@@ -62,7 +63,7 @@ def sinkhorn_knopp(scores: torch.Tensor, num_iterations: int = 3) -> torch.Tenso
     num_prototypes = log_q.shape[1]
     for _ in range(num_iterations):
         # each prototype's column sums to 1 / K over every process's samples
-        column_max = _all_reduce(log_q.max(0, keepdim=True).values, dist.ReduceOp.MAX if dist.is_available() else None)
+        column_max = _all_reduce(log_q.max(0, keepdim=True).values, "max")
         column_mass = _all_reduce(torch.exp(log_q - column_max).sum(0, keepdim=True))
         log_q = log_q - column_max - column_mass.log() - math.log(num_prototypes)
         # each sample's row sums to 1 / N
@@ -147,9 +148,7 @@ class DinoLoss(nn.Module):
     @torch.no_grad()
     def update_center(self) -> None:
         """c <- m c + (1 - m) mean(teacher outputs), the mean taken over all processes."""
-        stats = torch.cat([self.pending_center_sum.flatten(), self.pending_center_count.view(1)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
+        stats = _all_reduce(torch.cat([self.pending_center_sum.flatten(), self.pending_center_count.view(1)]))
         batch_center = (stats[:-1] / stats[-1]).view_as(self.center)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
         self.pending_center_sum.zero_()

@@ -234,10 +234,11 @@ class MetricsWindow:
     """Sums of the loss statistics over the optimizer steps since the last log line, kept as device
     tensors so that a step never waits for the host; `means` averages them over steps and processes."""
 
-    NAMES = ("loss", "teacher_entropy", "kl_student_teacher", "koleo_loss")
+    NAMES = ("loss", "teacher_entropy", "kl_student_teacher")
 
-    def __init__(self, device: torch.device):
-        self.sums = {name: torch.zeros((), device=device) for name in self.NAMES}
+    def __init__(self, device: torch.device, with_koleo_loss: bool = False):
+        self.names = self.NAMES + (("koleo_loss",) if with_koleo_loss else ())
+        self.sums = {name: torch.zeros((), device=device) for name in self.names}
         self.reset()
 
     def reset(self) -> None:
@@ -251,14 +252,14 @@ class MetricsWindow:
         self.sums["loss"] += output.loss.detach() / gradient_accumulation_steps
         self.sums["teacher_entropy"] += output.teacher_entropy / gradient_accumulation_steps
         self.sums["kl_student_teacher"] += output.kl_student_teacher / gradient_accumulation_steps
-        if output.koleo_loss is not None:
+        if "koleo_loss" in self.sums:
             self.sums["koleo_loss"] += output.koleo_loss.detach() / gradient_accumulation_steps
         self.images += images
 
     def means(self, accelerator: Accelerator) -> dict[str, float]:
         """{name: mean per step over the window, averaged over processes} (collective)."""
         values = accelerator.reduce(torch.stack(list(self.sums.values())), reduction="mean")
-        return dict(zip(self.NAMES, values.div(self.steps).tolist()))
+        return dict(zip(self.names, values.div(self.steps).tolist()))
 
 
 class DinoTrainer:
@@ -358,7 +359,7 @@ class DinoTrainer:
         run = self.set_up()
         progress = tqdm(total=run.total_steps, initial=run.global_step, desc="DINO",
                         disable=not accelerator.is_local_main_process)
-        window = MetricsWindow(accelerator.device)
+        window = MetricsWindow(accelerator.device, with_koleo_loss=recipe.koleo_loss_weight > 0)
         start_time = time.perf_counter()
         last_metrics: dict = {}
         run.student.train()
@@ -525,8 +526,8 @@ class DinoTrainer:
             output = run.dino_loss(student_output.logits, teacher_logits, schedule.teacher_temp)
             total_loss = output.loss
             if recipe.koleo_loss_weight > 0:  # on each global crop's features separately, as DINOv2
-                global_features = student_output.features[:teacher_logits.shape[0]].chunk(2)
-                output.koleo_loss = sum(run.koleo_loss(features) for features in global_features) / 2
+                global_features = student_output.features[:teacher_logits.shape[0]].chunk(len(crops[:2]))
+                output.koleo_loss = torch.stack([run.koleo_loss(features) for features in global_features]).mean()
                 total_loss = total_loss + recipe.koleo_loss_weight * output.koleo_loss
             accelerator.backward(total_loss)
             run.dino_loss.accumulate_center(teacher_logits)
@@ -569,8 +570,6 @@ class DinoTrainer:
                    "num_skipped_images": self._total_skipped_images(),
                    "num_skipped_batches": self.num_skipped_batches,
                    "elapsed_s": time.perf_counter() - start_time}
-        if not self.recipe.koleo_loss_weight:
-            del metrics["koleo_loss"]
         self._check_finite(metrics["loss"], run.global_step - window.steps + 1, run.global_step)
         return metrics
 
