@@ -34,13 +34,14 @@ import copy
 import itertools
 import json
 import math
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks import machine_description
 
 # Each variant: overrides of the recipe's architecture fields.
 VARIANTS = {
@@ -234,7 +235,7 @@ def main() -> None:
     queries = held_out_queries(args.cifar10_dir, work_dir / "queries")
     bank = load_dataset("parquet", data_files=str(DEMO_DATASET_DIR / "train.parquet"), split="train")
     test = load_dataset("parquet", data_files=str(queries["test"]), split="train")
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = machine_description()
     print(f"machine: {machine}; lightly {lightly.__version__}")
     runs = []
     for variant in args.variants:

@@ -82,7 +82,6 @@ def reference_run(args: argparse.Namespace) -> None:
     import types
     from functools import partial
 
-    import numpy as np
     import torch
     from torch import nn
 
@@ -207,7 +206,6 @@ def benchmark(args: argparse.Namespace) -> None:
                                    args.max_frames, layout)
     propagation = ["--n_last_frames", str(args.n_last_frames), "--size_mask_neighborhood",
                    str(args.size_mask_neighborhood), "--topk", str(args.topk)]
-    this = [sys.executable, str(HERE)]
     reference_python = [args.reference_python, str(HERE)]
     results: dict = {"sequences": names, "max_frames": args.max_frames, "threads": args.threads}
 

@@ -2,6 +2,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,3 +101,17 @@ def test_interleaved_timing_alternates_and_times_each_step(monkeypatch):
                                warmup_steps=1, timed_steps=4)
     assert calls == ["fast", "slow"] + ["fast", "slow", "slow", "fast"] * 2
     assert seconds == {"fast": [pytest.approx(0.01)] * 4, "slow": [pytest.approx(0.03)] * 4}
+
+
+def test_supervised_bound_augment_is_a_reflect_padded_shift_or_its_mirror():
+    """Each augmented image is one of the (2p + 1)^2 crops of numpy's reflect padding, or its mirror."""
+    from benchmarks.supervised_bound import augment
+
+    images = torch.randn(6, 3, 8, 8)
+    out = augment(images, torch.Generator().manual_seed(3), padding=2)
+    assert out.shape == images.shape
+    for image, augmented in zip(images.numpy(), out.numpy()):
+        padded = np.pad(image, ((0, 0), (2, 2), (2, 2)), mode="reflect")
+        candidates = [crop for dy in range(5) for dx in range(5)
+                      for crop in (padded[:, dy:dy + 8, dx:dx + 8], padded[:, dy:dy + 8, dx:dx + 8][:, :, ::-1])]
+        assert any(np.array_equal(augmented, candidate) for candidate in candidates)

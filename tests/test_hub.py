@@ -2,7 +2,6 @@ import json
 import logging
 
 import torch
-import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from PIL import Image as PILImage
@@ -157,7 +156,7 @@ def test_feature_extraction_pipeline_pools_the_dino_feature(tmp_path):
 def test_teacher_backbone_fine_tunes_as_vit_for_image_classification(tmp_path):
     """The path of docs/FINETUNING.md: ViTForImageClassification from the teacher backbone, Trainer steps."""
     import numpy as np
-    from datasets import ClassLabel, Dataset, Features, Image, Value
+    from datasets import ClassLabel, Dataset, Features, Image
     from PIL import Image as PILImage
     from transformers import Trainer, TrainingArguments, ViTForImageClassification
 
