@@ -48,6 +48,33 @@ def test_seeded_crops_are_reproducible_and_seed_dependent():
     assert all(torch.equal(a, b) for a, b in zip(first, fresh))
 
 
+def test_seeded_random_decisions_are_independent():
+    """Per-sample seeding must not tie one transform's coin to another's: P(flip | grey) = P(flip) = 0.5.
+    (Seeding every transform with the same value made every grey crop a flipped one.)
+    Image: red left half, blue right half. A crop of >= 60% of the area spans both halves, so its first
+    column comes from the red half unless flipped; in a grey crop red is the brighter (luma 0.299 vs 0.114)."""
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    image[:, :16, 0] = 255
+    image[:, 16:, 2] = 255
+    augmentation = MultiCropAugmentation(32, 16, global_crops_scale=(0.6, 1.0), local_crops_number=0,
+                                         params=AugmentationParams(blur_prob_global_1=0.0))
+    std, mean = torch.tensor(IMAGENET_STD)[:, None, None], torch.tensor(IMAGENET_MEAN)[:, None, None]
+    grey, grey_flipped, colour_flipped = 0, 0, 0
+    num_samples = 600
+    for seed in range(num_samples):
+        crop = augmentation(image, seed=seed)[0] * std + mean  # (3, 32, 32) in [0, 1]
+        first, last = crop[:, :, 0].mean(dim=1), crop[:, :, -1].mean(dim=1)  # (3,) colour of each edge column
+        if (crop.max(dim=0).values - crop.min(dim=0).values).max() < 1e-3:
+            grey += 1
+            grey_flipped += int(first.mean() < last.mean())
+        else:
+            colour_flipped += int(first[2] > first[0])
+    # P(grey) = 0.2 (120 expected, binomial sd 9.8); P(flip) = 0.5 in both groups (sd <= 4.6 points).
+    assert 80 <= grey <= 160
+    assert 0.35 <= grey_flipped / grey <= 0.65
+    assert 0.43 <= colour_flipped / (num_samples - grey) <= 0.57
+
+
 def test_imagenet_normalisation():
     gray = np.full((40, 40, 3), 128, dtype=np.uint8)
     pixel_values = evaluation_transform(32)(image=gray)["image"]
