@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import io
 import json
 from pathlib import Path
@@ -62,6 +63,8 @@ def main() -> None:
     parser.add_argument("--features", nargs="+", default=["cls", "cls_mean_patch"],
                         choices=["cls", "cls_mean_patch", "last_blocks"], help="k-NN readouts (eval_knn --feature)")
     parser.add_argument("--resize_ratios", nargs="+", type=float, default=[256 / 224, 1.0])
+    parser.add_argument("--image_sizes", nargs="+", type=int, default=None,
+                        help="input sides in pixels (default: each model's own, 32 for pixels)")
     parser.add_argument("--work_dir", type=Path, default=Path("demo_knn_queries"), help="where the query sets go")
     parser.add_argument("--output_json", type=Path)
     args = parser.parse_args()
@@ -74,14 +77,14 @@ def main() -> None:
     bank = load_dataset("parquet", data_files=str(DEMO_DATA / "train.parquet"), split="train")
     results = {}
     for name in args.models:
-        model, size = (RawPixels(), 32) if name == "pixels" else load_frozen_backbone(name)
-        for split in args.splits:
+        model, native_size = (RawPixels(), 32) if name == "pixels" else load_frozen_backbone(name)
+        for split, size in itertools.product(args.splits, args.image_sizes or [native_size]):
             query_split = load_dataset("parquet", data_files=str(queries[split]), split="train")
             for feature in args.features:
                 for ratio in args.resize_ratios:
                     result = knn_evaluate_splits(model, bank, query_split, crop_size=size, ks=(20,), temperature=0.07,
                                                  resize_ratio=ratio, feature=feature)
-                    key = f"{split}/{feature}/{ratio:.3f}"
+                    key = f"{split}/{feature}/{ratio:.3f}" + (f"/{size}px" if args.image_sizes else "")
                     results.setdefault(name, {})[key] = round(result["top1"], 2)
                     print(f"{name} {key}: {result['top1']:.2f}%")
     print(json.dumps(results, indent=2))

@@ -153,6 +153,39 @@ def test_feature_extraction_pipeline_pools_the_dino_feature(tmp_path):
         assert torch.tensor(extractor(image)).shape == (1, 1 + 16, 192)  # without pool: every token
 
 
+def test_teacher_backbone_saved_at_the_evaluation_size(tmp_path):
+    """With `eval_image_size` 64 (trained at 32, patch 8), the saved folder is a plain 64 px ViTModel:
+    8 x 8 position embeddings, a processor that crops 64, and on a 64 px image the CLS feature the
+    trained teacher computes there with transformers' own `interpolate_pos_encoding`."""
+    import numpy as np
+    from transformers import AutoModel
+
+    from hf_dino.hub import save_teacher_backbone
+    from hf_dino.student_teacher import build_student_and_teacher
+
+    recipe = DinoRecipe(arch="vit_tiny", patch_size=8, num_hidden_layers=2, global_crop_size=32, local_crop_size=16,
+                        out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, eval_image_size=64)
+    _, teacher = build_student_and_teacher(recipe)
+    with torch.no_grad():  # a trained-looking, non-smooth position grid, so that resampling matters
+        teacher.backbone.embeddings.position_embeddings.normal_()
+    backbone_dir = save_teacher_backbone(teacher, tmp_path / "teacher_backbone", recipe, {"global_step": 1})
+    model, info = AutoModel.from_pretrained(backbone_dir, output_loading_info=True)
+    assert type(model) is ViTModel and not any(info.values())
+    assert model.config.image_size == 64 and model.embeddings.position_embeddings.shape == (1, 1 + 64, 192)
+    processor = AutoImageProcessor.from_pretrained(backbone_dir)
+    image = PILImage.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    pixel_values = processor(images=image, return_tensors="pt").pixel_values
+    assert pixel_values.shape == (1, 3, 64, 64)
+    with torch.no_grad():
+        saved = model.eval()(pixel_values=pixel_values).pooler_output
+        trained = teacher.eval().backbone(pixel_values=pixel_values, interpolate_pos_encoding=True).last_hidden_state[:, 0]
+        at_32 = teacher.backbone(pixel_values=torch.nn.functional.interpolate(pixel_values, size=32)).last_hidden_state[:, 0]
+    torch.testing.assert_close(saved, trained, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(saved, at_32, atol=1e-3)  # the resolution is not a no-op
+    card = (backbone_dir / "README.md").read_text()
+    assert "centre crop 64×64" in card
+
+
 def test_teacher_backbone_fine_tunes_as_vit_for_image_classification(tmp_path):
     """The path of docs/FINETUNING.md: ViTForImageClassification from the teacher backbone, Trainer steps."""
     import numpy as np

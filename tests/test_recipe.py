@@ -142,3 +142,12 @@ def test_koleo_and_sinkhorn_fields_are_validated():
         DinoRecipe(koleo_loss_weight=0.1, batch_size_per_device=1).validate()
     with pytest.raises(ValueError, match="teacher_centering 'mean' is unknown"):
         DinoRecipe(teacher_centering="mean").validate()
+
+
+def test_eval_image_size_defaults_to_the_global_crops_and_must_fit_the_patches():
+    assert DinoRecipe(global_crop_size=32, local_crop_size=16, patch_size=8).evaluation_image_size == 32
+    assert DinoRecipe(global_crop_size=32, local_crop_size=16, patch_size=8, eval_image_size=64).evaluation_image_size == 64
+    with pytest.raises(ValueError, match="eval_image_size=60 is not a multiple of patch_size=8"):
+        DinoRecipe(arch="vit_tiny", global_crop_size=32, local_crop_size=16, patch_size=8, eval_image_size=60).validate()
+    with pytest.raises(ValueError, match="eval_image_size=0 must be >= 1"):
+        DinoRecipe(arch="vit_tiny", global_crop_size=32, local_crop_size=16, patch_size=8, eval_image_size=0).validate()

@@ -695,3 +695,21 @@ def test_sinkhorn_knopp_centering_trains(tmp_path):
     DinoTrainer(tiny_recipe(tmp_path, teacher_centering="sinkhorn_knopp")).train()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(line["loss"]) for line in lines) and "koleo_loss" not in lines[0]
+
+
+def test_final_knn_and_saved_backbone_use_the_evaluation_size(tmp_path, monkeypatch):
+    """`eval_image_size` 32 on a 16 px run: the final k-NN runs at 32 px and the saved backbone takes 32 px."""
+    import hf_dino.trainer as trainer_module
+
+    crop_sizes = []
+
+    def fake_knn(model, train_split, val_split, *, crop_size, **kwargs):
+        crop_sizes.append(crop_size)
+        return {"top1": 50.0, "top5": 90.0, "k": 20, "temperature": 0.07, "num_train": 1, "num_val": 1}
+
+    monkeypatch.setattr(trainer_module, "knn_evaluate_splits", fake_knn)
+    DinoTrainer(tiny_recipe(tmp_path, knn_eval_at_end=True, epochs=1, eval_image_size=32)).train()
+    assert crop_sizes == [32]
+    backbone = AutoModel.from_pretrained(tmp_path / "teacher_backbone")
+    assert backbone.config.image_size == 32 and backbone.embeddings.position_embeddings.shape[1] == 1 + (32 // 4) ** 2
+    assert "on frozen features at 32 px" in (tmp_path / "teacher_backbone" / "README.md").read_text()

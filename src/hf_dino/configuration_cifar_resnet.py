@@ -4,7 +4,7 @@ He et al. 2016 (Sec. 4.2) adapt ResNets to 32 px images by replacing the ImageNe
 stride-2 convolution + 3x3 stride-2 max-pool, a 4x downsampling) with one 3x3 stride-1
 convolution; the first stage then works at full resolution (32 x 32). Every other field means
 what it means in `ResNetConfig`; `embedding_size` is the stem's width, and `image_size` (new) the
-resolution the model was trained at, which evaluations use as their crop size.
+resolution evaluations use as their crop size: the training resolution, or the run's `eval_image_size`.
 
 Saved beside a `CifarResNetModel`'s weights as its remote code: it imports only transformers.
 """

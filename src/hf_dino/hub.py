@@ -69,8 +69,9 @@ def evaluation_image_processor(crop_size: int, resize_ratio: float = EVALUATION_
 
 
 def build_image_processor(recipe: DinoRecipe) -> BitImageProcessorPil:
-    """The image processor of a run's backbone: `evaluation_image_processor` at the global-crop size."""
-    return evaluation_image_processor(recipe.global_crop_size)
+    """The image processor of a run's backbone: `evaluation_image_processor` at its evaluation size
+    (`recipe.evaluation_image_size`: `eval_image_size`, else the global-crop size)."""
+    return evaluation_image_processor(recipe.evaluation_image_size)
 
 
 def hub_dataset_id(name: str | None) -> str | None:
@@ -125,7 +126,8 @@ def render_model_card(recipe: DinoRecipe, results: dict, backbone_class: str, re
             **metric_fields, metric_name=f"k-NN top-1 (k={knn['k']})", metric_value=round(knn["top1"], 2),
             dataset_split=knn.get("split", recipe.val_split)))
         evaluation_lines.append(
-            f"Weighted {knn['k']}-NN (T={knn['temperature']}) on frozen features: top-1 **{knn['top1']:.2f}%**, "
+            f"Weighted {knn['k']}-NN (T={knn['temperature']}) on frozen features at "
+            f"{recipe.evaluation_image_size} px: top-1 **{knn['top1']:.2f}%**, "
             f"top-5 {knn['top5']:.2f}% ({knn['num_val']} held-out images, {knn['num_train']} training images as "
             "the memory bank).")
     if linear:
@@ -163,7 +165,7 @@ def render_model_card(recipe: DinoRecipe, results: dict, backbone_class: str, re
         backbone_description=(f"ViT ({recipe.arch}, patch {recipe.patch_size})" if is_vit else recipe.arch),
         feature_expression=("outputs.pooler_output  # the DINO feature, = outputs.last_hidden_state[:, 0]" if is_vit
                             else "outputs.pooler_output.flatten(1)  # the DINO feature"),
-        image_size=recipe.global_crop_size, resize_size=evaluation_resize_size(recipe.global_crop_size),
+        image_size=recipe.evaluation_image_size, resize_size=evaluation_resize_size(recipe.evaluation_image_size),
         evaluation_text=evaluation_text,
         recipe_rows=[(key, _public(value)) for key, value in recipe.to_dict().items()
                      if key not in ("output_dir", "resume_from_checkpoint", "report_to", "push_to_hub")],
@@ -192,6 +194,26 @@ def with_identity_pooler(backbone: ViTModel) -> ViTModel:
     return model.to(next(backbone.parameters()).dtype)
 
 
+def vit_at_image_size(backbone: ViTModel, image_size: int) -> ViTModel:
+    """A copy of a `ViTModel` that takes `image_size` px images natively: `config.image_size` set and
+    the position embeddings resampled from the trained grid by the model's own
+    `interpolate_pos_encoding` (bicubic), so that at `image_size` it computes what the original
+    computes with `interpolate_pos_encoding=True`. Still a plain `ViTModel`."""
+    if backbone.config.image_size == image_size:
+        return backbone
+    config = copy.deepcopy(backbone.config)
+    config.image_size = image_size
+    model = ViTModel(config, add_pooling_layer=backbone.pooler is not None)
+    state = backbone.state_dict()
+    num_patches = (image_size // config.patch_size) ** 2
+    with torch.no_grad():
+        placeholder = torch.empty(1, 1 + num_patches, config.hidden_size)  # only its shape is read
+        state["embeddings.position_embeddings"] = backbone.embeddings.interpolate_pos_encoding(
+            placeholder, image_size, image_size).detach().clone()
+    model.load_state_dict(state)
+    return model.to(next(backbone.parameters()).dtype)
+
+
 def save_teacher_backbone(teacher: DinoModel, directory: str | Path, recipe: DinoRecipe, results: dict) -> Path:
     """Write the teacher's backbone as a plain transformers model folder (see `save_backbone_folder`)."""
     return save_backbone_folder(teacher.backbone, directory, recipe, results)
@@ -202,7 +224,10 @@ def save_backbone_folder(backbone, directory: str | Path, recipe: DinoRecipe, re
     preprocessor_config.json and README.md (the model card)."""
     directory = Path(directory)
     if isinstance(backbone, ViTModel):
-        backbone = with_identity_pooler(backbone)
+        backbone = vit_at_image_size(with_identity_pooler(backbone), recipe.evaluation_image_size)
+    elif hasattr(backbone.config, "image_size"):  # the CIFAR-stem ResNet records its input size
+        backbone = copy.deepcopy(backbone)
+        backbone.config.image_size = recipe.evaluation_image_size
     backbone.save_pretrained(directory)
     build_image_processor(recipe).save_pretrained(directory)
     card = render_model_card(recipe, results, type(backbone).__name__)

@@ -164,6 +164,11 @@ class DinoRecipe:
     knn_temperature: float = field(default=0.07, metadata=_help("temperature of the k-NN votes"))
     knn_eval_at_end: bool = field(default=True, metadata=_help("k-NN of the teacher at the end of training"))
     knn_max_train_samples: int | None = field(default=None, metadata=_help("k-NN memory bank: first N images only"))
+    eval_image_size: int | None = field(default=None, metadata=_help(
+        "side in pixels at which the teacher is evaluated (online and final k-NN) and saved: `teacher_backbone` "
+        "takes images of this size natively (a ViT's position embeddings resampled as interpolate_pos_encoding "
+        "does) and its image processor resizes to it. A test resolution above the training one corrects the "
+        "object-size shift of random-resized crops (FixRes, Touvron et al. 2019); unset: global_crop_size"))
     eval_every: int | None = field(default=None, metadata=_help(
         "optimizer steps between online k-NN evaluations; unset: only at the end"))
 
@@ -210,6 +215,11 @@ class DinoRecipe:
         names = [name for name in self.report_to.replace(",", " ").split() if name]
         return [] if names in ([], ["none"]) else names
 
+    @property
+    def evaluation_image_size(self) -> int:
+        """The side at which the teacher is evaluated and saved: `eval_image_size`, else the global crops'."""
+        return self.eval_image_size or self.global_crop_size
+
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
@@ -227,8 +237,8 @@ class DinoRecipe:
         if self.arch not in SUPPORTED_ARCHS:
             problems.append(f"arch {self.arch!r} is unknown; use one of {', '.join(SUPPORTED_ARCHS)}")
         if self.arch in VIT_PRESETS:
-            for name in ("global_crop_size", "local_crop_size"):
-                size = getattr(self, name)
+            for name in ("global_crop_size", "local_crop_size", "eval_image_size"):
+                size = getattr(self, name) or self.patch_size
                 if size % self.patch_size:
                     problems.append(f"{name}={size} is not a multiple of patch_size={self.patch_size}; "
                                     f"use e.g. {max(self.patch_size, size // self.patch_size * self.patch_size)}")
@@ -285,6 +295,8 @@ class DinoRecipe:
                 problems.append(f"{name}={getattr(self, name)} must satisfy 0 < min <= max <= 1")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append("max_steps must be >= 1 (or unset to use epochs)")
+        if self.eval_image_size is not None and self.eval_image_size < 1:
+            problems.append(f"eval_image_size={self.eval_image_size} must be >= 1 (or unset: global_crop_size)")
         for name in ("warmup_steps", "warmup_teacher_temp_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0 (or unset to count in epochs)")

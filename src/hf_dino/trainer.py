@@ -831,7 +831,7 @@ class DinoTrainer:
             logger.warning("k-NN evaluation skipped: no %r column", recipe.label_column)
             return None
         knn = knn_evaluate_splits(
-            teacher, train_split, val_split, crop_size=recipe.global_crop_size, ks=(recipe.knn_k,),
+            teacher, train_split, val_split, crop_size=recipe.evaluation_image_size, ks=(recipe.knn_k,),
             temperature=recipe.knn_temperature, image_column=recipe.image_column, label_column=recipe.label_column,
             num_workers=recipe.num_workers, device=self.accelerator.device,
             max_train_samples=recipe.knn_max_train_samples,
