@@ -92,7 +92,7 @@ class MultiCropAugmentation:
             # One numpy and one Python stream per sample, drawn from in turn by every transform of every
             # view. (`Compose.set_random_seed` seeds each transform's own generators with the same value,
             # so the transforms' draws coincide: every flipped crop was colour-jittered, every grey one
-            # flipped and solarised, and small crops went with flips. It also cost 40% of the augmentation.)
+            # flipped and solarised, and small crops went with flips. It also cost ~45% of the augmentation time.)
             random_generator, py_random = np.random.default_rng(seed), random.Random(seed)
             for pipeline in (self.global_1, self.global_2, self.local):
                 pipeline.set_random_state(random_generator, py_random)
