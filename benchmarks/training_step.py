@@ -611,7 +611,7 @@ def train_reference_on_recipe(recipe, reference_repo: str) -> dict:
                          {"implementation": "facebookresearch/dino training loop", "global_step": total_steps})
     knn = knn_evaluate_splits(
         backbone, select_split(dataset_dict, recipe.train_split),
-        select_split(dataset_dict, recipe.val_split, fallbacks=FALLBACK_VAL_SPLITS), crop_size=recipe.global_crop_size,
+        select_split(dataset_dict, recipe.val_split, fallbacks=FALLBACK_VAL_SPLITS), crop_size=recipe.evaluation_image_size,
         ks=(recipe.knn_k,), temperature=recipe.knn_temperature, num_workers=0,
         max_train_samples=recipe.knn_max_train_samples)
     return {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "steps": total_steps,
