@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import io
+import itertools
 import json
 from pathlib import Path
 

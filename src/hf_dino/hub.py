@@ -172,45 +172,38 @@ def render_model_card(recipe: DinoRecipe, results: dict, backbone_class: str, re
         training_text=training_text)
 
 
-def with_identity_pooler(backbone: ViTModel) -> ViTModel:
-    """A copy of a `ViTModel` whose pooler returns the DINO feature unchanged.
+def exportable_vit(backbone: ViTModel, image_size: int) -> ViTModel:
+    """The plain `ViTModel` a run saves: a copy of `backbone` whose pooler returns the DINO feature
+    unchanged, taking `image_size` px images natively.
 
     DINO trains no pooler, but `AutoModel.from_pretrained` builds a `ViTModel` with one (random
     and reported missing if the checkpoint lacks it), and `pipeline("image-feature-extraction",
     pool=True)` returns `pooler_output`. Here the pooler's dense layer is the identity and its
     activation `linear` (`config.pooler_act`), so `pooler_output == last_hidden_state[:, 0]`: the
-    `[CLS]` token after the final layer norm, bit for bit. Still a plain `ViTModel`.
+    `[CLS]` token after the final layer norm, bit for bit.
+
+    When `image_size` differs from the trained `config.image_size`, the position embeddings are
+    resampled from the trained grid by the model's own `interpolate_pos_encoding` (bicubic), so
+    that at `image_size` the copy computes what the original computes with
+    `interpolate_pos_encoding=True`.
     """
     config = copy.deepcopy(backbone.config)
     config.pooler_act = "linear"
     config.pooler_output_size = config.hidden_size
+    config.image_size = image_size
     model = ViTModel(config, add_pooling_layer=True)
     state = {key: value for key, value in backbone.state_dict().items() if not key.startswith("pooler.")}
+    if image_size != backbone.config.image_size:
+        num_patches = (image_size // config.patch_size) ** 2
+        with torch.no_grad():
+            placeholder = torch.empty(1, 1 + num_patches, config.hidden_size)  # only its shape is read
+            state["embeddings.position_embeddings"] = backbone.embeddings.interpolate_pos_encoding(
+                placeholder, image_size, image_size)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(key.startswith("pooler.") for key in missing), (missing, unexpected)
     with torch.no_grad():
         model.pooler.dense.weight.copy_(torch.eye(config.hidden_size))
         model.pooler.dense.bias.zero_()
-    return model.to(next(backbone.parameters()).dtype)
-
-
-def vit_at_image_size(backbone: ViTModel, image_size: int) -> ViTModel:
-    """A copy of a `ViTModel` that takes `image_size` px images natively: `config.image_size` set and
-    the position embeddings resampled from the trained grid by the model's own
-    `interpolate_pos_encoding` (bicubic), so that at `image_size` it computes what the original
-    computes with `interpolate_pos_encoding=True`. Still a plain `ViTModel`."""
-    if backbone.config.image_size == image_size:
-        return backbone
-    config = copy.deepcopy(backbone.config)
-    config.image_size = image_size
-    model = ViTModel(config, add_pooling_layer=backbone.pooler is not None)
-    state = backbone.state_dict()
-    num_patches = (image_size // config.patch_size) ** 2
-    with torch.no_grad():
-        placeholder = torch.empty(1, 1 + num_patches, config.hidden_size)  # only its shape is read
-        state["embeddings.position_embeddings"] = backbone.embeddings.interpolate_pos_encoding(
-            placeholder, image_size, image_size).detach().clone()
-    model.load_state_dict(state)
     return model.to(next(backbone.parameters()).dtype)
 
 
@@ -224,8 +217,9 @@ def save_backbone_folder(backbone, directory: str | Path, recipe: DinoRecipe, re
     preprocessor_config.json and README.md (the model card)."""
     directory = Path(directory)
     if isinstance(backbone, ViTModel):
-        backbone = vit_at_image_size(with_identity_pooler(backbone), recipe.evaluation_image_size)
-    elif hasattr(backbone.config, "image_size"):  # the CIFAR-stem ResNet records its input size
+        backbone = exportable_vit(backbone, recipe.evaluation_image_size)
+    elif getattr(backbone.config, "image_size", recipe.evaluation_image_size) != recipe.evaluation_image_size:
+        # the CIFAR-stem ResNet records the size evaluations use
         backbone = copy.deepcopy(backbone)
         backbone.config.image_size = recipe.evaluation_image_size
     backbone.save_pretrained(directory)
