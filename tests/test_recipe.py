@@ -151,3 +151,16 @@ def test_eval_image_size_defaults_to_the_global_crops_and_must_fit_the_patches()
         DinoRecipe(arch="vit_tiny", global_crop_size=32, local_crop_size=16, patch_size=8, eval_image_size=60).validate()
     with pytest.raises(ValueError, match="eval_image_size=0 must be >= 1"):
         DinoRecipe(arch="vit_tiny", global_crop_size=32, local_crop_size=16, patch_size=8, eval_image_size=0).validate()
+
+
+def test_position_embedding_init_is_validated():
+    assert DinoRecipe().position_embedding_init == "random"  # the reference's
+    assert parse_recipe(["--position_embedding_init", "sincos"]).position_embedding_init == "sincos"
+    with pytest.raises(ValueError, match="position_embedding_init 'learned' is unknown"):
+        DinoRecipe(position_embedding_init="learned").validate()
+    with pytest.raises(ValueError, match="applies to ViTs only"):
+        DinoRecipe(arch="resnet18", position_embedding_init="sincos").validate()
+    with pytest.raises(ValueError, match="would overwrite init_backbone's"):
+        DinoRecipe(position_embedding_init="sincos", init_backbone="facebook/dino-vits16").validate()
+    with pytest.raises(ValueError, match="width divisible by 4, got 190"):
+        DinoRecipe(position_embedding_init="sincos", hidden_size=190, num_attention_heads=2).validate()

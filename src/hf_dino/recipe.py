@@ -21,6 +21,7 @@ from .loss import TEACHER_CENTERINGS
 from .modeling_dino import ATTENTION_IMPLEMENTATIONS
 
 OPTIMIZERS = ("adamw", "sgd")
+POSITION_EMBEDDING_INITS = ("random", "sincos")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # Accelerate's trackers (`log_with`), plus "all"
 TRACKERS = ("all", "tensorboard", "wandb", "trackio", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab")
@@ -57,6 +58,10 @@ class DinoRecipe:
         "fix the weight norm of the head's last layer to 1 (false: more stable for ViT-S, as the reference notes)"))
     use_bn_in_head: bool = field(default=False, metadata=_help("BatchNorm in the head's MLP (the ResNet recipe)"))
     drop_path_rate: float = field(default=0.1, metadata=_help("stochastic depth rate of the student"))
+    position_embedding_init: str = field(default="random", metadata=_help(
+        "ViT position embeddings at initialisation: random (truncated normal, std 0.02, as the reference) or "
+        "sincos (2-D sine-cosine values, as MAE / MoCo v3, still trained): the patch grid from the first step, "
+        "which short runs need", choices=list(POSITION_EMBEDDING_INITS)))
     init_backbone: str | None = field(default=None, metadata=_help(
         "start student and teacher backbones from a pretrained ViTModel / ResNetModel (folder or Hub id, "
         "e.g. facebook/dino-vits16) to continue pretraining on another domain"))
@@ -249,6 +254,17 @@ class DinoRecipe:
                 problems.append(str(error))
         if self.arch in VIT_PRESETS and self.resnet_stem != "imagenet":
             problems.append(f"resnet_stem={self.resnet_stem!r} applies to ResNets only; remove it for {self.arch}")
+        if self.position_embedding_init not in POSITION_EMBEDDING_INITS:
+            problems.append(f"position_embedding_init {self.position_embedding_init!r} is unknown; use one of "
+                            f"{', '.join(POSITION_EMBEDDING_INITS)}")
+        elif self.position_embedding_init == "sincos":
+            if self.arch not in VIT_PRESETS:
+                problems.append(f"position_embedding_init=sincos applies to ViTs only; remove it for {self.arch}")
+            elif self.init_backbone is not None:
+                problems.append("position_embedding_init=sincos would overwrite init_backbone's position embeddings; "
+                                "remove one of the two")
+            elif (self.hidden_size or VIT_PRESETS[self.arch]["hidden_size"]) % 4:
+                problems.append(f"position_embedding_init=sincos needs a ViT width divisible by 4, got {self.hidden_size}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer {self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_dino import DinoConfig
 from .modeling_dino import DinoModel
+from .position_embeddings import initialize_sincos_position_embeddings_
 from .recipe import DinoRecipe
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ def build_dino_config(recipe: DinoRecipe, drop_path_rate: float) -> DinoConfig:
 
 def build_student_and_teacher(recipe: DinoRecipe, attn_implementation: str | None = None) -> tuple[DinoModel, DinoModel]:
     """Student (with stochastic depth) and teacher (without), starting from identical weights:
-    random, or the backbone of `recipe.init_backbone` (the head always starts random).
+    random (a ViT's position embeddings sine-cosine with `position_embedding_init: sincos`), or the
+    backbone of `recipe.init_backbone` (the head always starts random).
     `attn_implementation` ("sdpa", "eager"; None keeps transformers' default) sets a ViT's
     attention kernel; it is not saved with the weights."""
     student_config = build_dino_config(recipe, recipe.drop_path_rate)
@@ -72,6 +74,8 @@ def build_student_and_teacher(recipe: DinoRecipe, attn_implementation: str | Non
         state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("pooler.")}
         load_strict(student.backbone, state, f"init_backbone {recipe.init_backbone}")
         logger.info("Student and teacher backbones start from %s", recipe.init_backbone)
+    elif recipe.position_embedding_init == "sincos":
+        initialize_sincos_position_embeddings_(student.backbone)
     teacher_config = copy.deepcopy(student_config)
     teacher_config.drop_path_rate = 0.0
     teacher = DinoModel(teacher_config)
