@@ -64,7 +64,9 @@ def main() -> None:
                         choices=["cls", "cls_mean_patch", "last_blocks"], help="k-NN readouts (eval_knn --feature)")
     parser.add_argument("--resize_ratios", nargs="+", type=float, default=[256 / 224, 1.0])
     parser.add_argument("--image_sizes", nargs="+", type=int, default=None,
-                        help="input sides in pixels (default: each model's own, 32 for pixels)")
+                        help="input sides in pixels (default: each model's own, 32 for pixels); a ViT saved at "
+                             "another size resamples its saved position grid, which is close to, not the same as, "
+                             "training with that --eval_image_size")
     parser.add_argument("--work_dir", type=Path, default=Path("demo_knn_queries"), help="where the query sets go")
     parser.add_argument("--output_json", type=Path)
     args = parser.parse_args()
