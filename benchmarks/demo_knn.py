@@ -77,11 +77,13 @@ def main() -> None:
 
     queries = held_out_queries(args.cifar10_dir, args.work_dir)
     bank = load_dataset("parquet", data_files=str(DEMO_DATA / "train.parquet"), split="train")
+    query_splits = {split: load_dataset("parquet", data_files=str(queries[split]), split="train")
+                    for split in args.splits}
     results = {}
     for name in args.models:
         model, native_size = (RawPixels(), 32) if name == "pixels" else load_frozen_backbone(name)
         for split, size in itertools.product(args.splits, args.image_sizes or [native_size]):
-            query_split = load_dataset("parquet", data_files=str(queries[split]), split="train")
+            query_split = query_splits[split]
             for feature in args.features:
                 for ratio in args.resize_ratios:
                     result = knn_evaluate_splits(model, bank, query_split, crop_size=size, ks=(20,), temperature=0.07,

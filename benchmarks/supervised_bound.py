@@ -83,10 +83,10 @@ def train_supervised(recipe, images: torch.Tensor, labels: torch.Tensor, epochs:
     config = recipe.backbone_config()
     backbone = AutoModel.from_config(config, add_pooling_layer=False) if config.model_type == "vit" \
         else AutoModel.from_config(config)
-    if recipe.position_embedding_init == "sincos":  # as the recipe's DINO backbone starts
-        from hf_dino.position_embeddings import initialize_sincos_position_embeddings_
+    if config.model_type == "vit":  # as the recipe's DINO backbone starts
+        from hf_dino.position_embeddings import initialize_position_embeddings_
 
-        initialize_sincos_position_embeddings_(backbone)
+        initialize_position_embeddings_(backbone, recipe.position_embedding_init)
     feature_dim = getattr(config, "hidden_size", None) or config.hidden_sizes[-1]
     model = CLSClassifier(backbone, feature_dim)
     batch_size = recipe.batch_size_per_device

@@ -3,7 +3,11 @@ import math
 import pytest
 import torch
 
-from hf_dino.position_embeddings import initialize_sincos_position_embeddings_, sincos_position_embedding
+from hf_dino.position_embeddings import (
+    initialize_position_embeddings_,
+    initialize_sincos_position_embeddings_,
+    sincos_position_embedding,
+)
 from hf_dino.student_teacher import build_student_and_teacher
 from test_trainer import tiny_recipe
 
@@ -61,3 +65,12 @@ def test_a_non_square_grid_is_refused():
 
     with pytest.raises(ValueError, match="6 patch positions do not form a square grid"):
         initialize_sincos_position_embeddings_(Vit())
+
+
+def test_the_recipe_method_random_keeps_the_model_s_init_and_an_unknown_one_is_refused(tmp_path):
+    student, _ = build_student_and_teacher(tiny_recipe(tmp_path))
+    before = student.backbone.embeddings.position_embeddings.detach().clone()
+    initialize_position_embeddings_(student.backbone, "random")
+    assert torch.equal(student.backbone.embeddings.position_embeddings, before)
+    with pytest.raises(ValueError, match="position_embedding_init 'learned' is unknown"):
+        initialize_position_embeddings_(student.backbone, "learned")

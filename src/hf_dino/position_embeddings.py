@@ -50,3 +50,13 @@ def initialize_sincos_position_embeddings_(vit: nn.Module) -> None:
         raise ValueError(f"{num_patches} patch positions do not form a square grid")
     position_embeddings[0, 0].zero_()
     position_embeddings[0, 1:].copy_(sincos_position_embedding(grid_size, dim).to(position_embeddings.dtype))
+
+
+def initialize_position_embeddings_(vit: nn.Module, method: str) -> None:
+    """A recipe's `position_embedding_init` on a freshly built transformers ViT: "random" keeps the
+    model's own initialisation (truncated normal, std 0.02), "sincos" applies
+    `initialize_sincos_position_embeddings_`."""
+    if method == "sincos":
+        initialize_sincos_position_embeddings_(vit)
+    elif method != "random":
+        raise ValueError(f"position_embedding_init {method!r} is unknown; use random or sincos")

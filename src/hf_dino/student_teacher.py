@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_dino import DinoConfig
 from .modeling_dino import DinoModel
-from .position_embeddings import initialize_sincos_position_embeddings_
+from .position_embeddings import initialize_position_embeddings_
 from .recipe import DinoRecipe
 
 logger = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ def build_student_and_teacher(recipe: DinoRecipe, attn_implementation: str | Non
         state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("pooler.")}
         load_strict(student.backbone, state, f"init_backbone {recipe.init_backbone}")
         logger.info("Student and teacher backbones start from %s", recipe.init_backbone)
-    elif recipe.position_embedding_init == "sincos":
-        initialize_sincos_position_embeddings_(student.backbone)
+    elif student.is_vit:
+        initialize_position_embeddings_(student.backbone, recipe.position_embedding_init)
     teacher_config = copy.deepcopy(student_config)
     teacher_config.drop_path_rate = 0.0
     teacher = DinoModel(teacher_config)
