@@ -131,9 +131,9 @@ def train_lightly(recipe) -> tuple[torch.nn.Module, float, int]:
     dino_config = build_dino_config(recipe, 0.0)
     backbone = DinoModel(dino_config).backbone  # built first, so from the same seeded stream as hf_dino's
     if dino_config.backbone_config.model_type == "vit":  # as hf_dino's `build_student_and_teacher`
-        from hf_dino.position_embeddings import initialize_position_embeddings_
+        from hf_dino.student_teacher import initialize_vit_backbone_
 
-        initialize_position_embeddings_(backbone, recipe.position_embedding_init)
+        initialize_vit_backbone_(backbone, recipe)
     feature_dim = dino_config.backbone_feature_dim
     student = LightlyDino(backbone, recipe, feature_dim)
     # As lightly's DINO example: the teacher's head is built anew (its weight-normalised last layer cannot

@@ -19,6 +19,7 @@ budget, self-supervision within that budget will not either.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import statistics
@@ -84,9 +85,9 @@ def train_supervised(recipe, images: torch.Tensor, labels: torch.Tensor, epochs:
     backbone = AutoModel.from_config(config, add_pooling_layer=False) if config.model_type == "vit" \
         else AutoModel.from_config(config)
     if config.model_type == "vit":  # as the recipe's DINO backbone starts
-        from hf_dino.position_embeddings import initialize_position_embeddings_
+        from hf_dino.student_teacher import initialize_vit_backbone_
 
-        initialize_position_embeddings_(backbone, recipe.position_embedding_init)
+        initialize_vit_backbone_(backbone, dataclasses.replace(recipe, seed=seed))
     feature_dim = getattr(config, "hidden_size", None) or config.hidden_sizes[-1]
     model = CLSClassifier(backbone, feature_dim)
     batch_size = recipe.batch_size_per_device

@@ -153,14 +153,20 @@ def test_eval_image_size_defaults_to_the_global_crops_and_must_fit_the_patches()
         DinoRecipe(arch="vit_tiny", global_crop_size=32, local_crop_size=16, patch_size=8, eval_image_size=0).validate()
 
 
-def test_position_embedding_init_is_validated():
-    assert DinoRecipe().position_embedding_init == "random"  # the reference's
-    assert parse_recipe(["--position_embedding_init", "sincos"]).position_embedding_init == "sincos"
-    with pytest.raises(ValueError, match="position_embedding_init 'learned' is unknown"):
-        DinoRecipe(position_embedding_init="learned").validate()
-    with pytest.raises(ValueError, match="applies to ViTs only"):
-        DinoRecipe(arch="resnet18", position_embedding_init="sincos").validate()
-    with pytest.raises(ValueError, match="would overwrite init_backbone's"):
-        DinoRecipe(position_embedding_init="sincos", init_backbone="facebook/dino-vits16").validate()
+@pytest.mark.parametrize("name, value, overwritten", [("position_embedding_init", "sincos", "position embeddings"),
+                                                      ("attention_init", "mimetic", "attention weights")])
+def test_the_vit_initialisations_are_validated(name, value, overwritten):
+    assert getattr(DinoRecipe(), name) == "random"  # the reference's
+    assert getattr(parse_recipe([f"--{name}", value]), name) == value
+    with pytest.raises(ValueError, match=f"{name} 'bogus' is unknown"):
+        DinoRecipe(**{name: "bogus"}).validate()
+    with pytest.raises(ValueError, match=f"{name}={value} applies to ViTs only"):
+        DinoRecipe(arch="resnet18", **{name: value}).validate()
+    with pytest.raises(ValueError, match=f"would overwrite init_backbone's {overwritten}"):
+        DinoRecipe(init_backbone="facebook/dino-vits16", **{name: value}).validate()
+
+
+def test_sincos_position_embeddings_need_a_width_divisible_by_4():
     with pytest.raises(ValueError, match="width divisible by 4, got 190"):
         DinoRecipe(position_embedding_init="sincos", hidden_size=190, num_attention_heads=2).validate()
+

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .attention_initialization import ATTENTION_INITS
 from .configuration_dino import RESNET_STEMS, SUPPORTED_ARCHS, VIT_PRESETS, build_backbone_config
 from .loss import TEACHER_CENTERINGS
 from .modeling_dino import ATTENTION_IMPLEMENTATIONS
@@ -62,6 +63,11 @@ class DinoRecipe:
         "ViT position embeddings at initialisation: random (truncated normal, std 0.02, as the reference) or "
         "sincos (2-D sine-cosine values, as MAE / MoCo v3, still trained): the patch grid from the first step, "
         "which short runs need", choices=list(POSITION_EMBEDDING_INITS)))
+    attention_init: str = field(default="random", metadata=_help(
+        "ViT attention weights at initialisation: random (truncated normal, std 0.02, as the reference) or "
+        "mimetic (Trockman & Kolter 2023: each head's query-key product starts near 0.7 Z + 0.7 I, the "
+        "value-output product near 0.4 Z - 0.4 I, so tokens attend to similar tokens, with sincos positions to "
+        "their neighbours; still trained)", choices=list(ATTENTION_INITS)))
     init_backbone: str | None = field(default=None, metadata=_help(
         "start student and teacher backbones from a pretrained ViTModel / ResNetModel (folder or Hub id, "
         "e.g. facebook/dino-vits16) to continue pretraining on another domain"))
@@ -254,17 +260,18 @@ class DinoRecipe:
                 problems.append(str(error))
         if self.arch in VIT_PRESETS and self.resnet_stem != "imagenet":
             problems.append(f"resnet_stem={self.resnet_stem!r} applies to ResNets only; remove it for {self.arch}")
-        if self.position_embedding_init not in POSITION_EMBEDDING_INITS:
-            problems.append(f"position_embedding_init {self.position_embedding_init!r} is unknown; use one of "
-                            f"{', '.join(POSITION_EMBEDDING_INITS)}")
-        elif self.position_embedding_init == "sincos":
-            if self.arch not in VIT_PRESETS:
-                problems.append(f"position_embedding_init=sincos applies to ViTs only; remove it for {self.arch}")
-            elif self.init_backbone is not None:
-                problems.append("position_embedding_init=sincos would overwrite init_backbone's position embeddings; "
-                                "remove one of the two")
-            elif (self.hidden_size or VIT_PRESETS[self.arch]["hidden_size"]) % 4:
-                problems.append(f"position_embedding_init=sincos needs a ViT width divisible by 4, got {self.hidden_size}")
+        for name, methods, what in (("position_embedding_init", POSITION_EMBEDDING_INITS, "position embeddings"),
+                                    ("attention_init", ATTENTION_INITS, "attention weights")):
+            method = getattr(self, name)  # a ViT initialisation for runs from scratch; "random" is the reference's
+            if method not in methods:
+                problems.append(f"{name} {method!r} is unknown; use one of {', '.join(methods)}")
+            elif method != "random" and self.arch not in VIT_PRESETS:
+                problems.append(f"{name}={method} applies to ViTs only; remove it for {self.arch}")
+            elif method != "random" and self.init_backbone is not None:
+                problems.append(f"{name}={method} would overwrite init_backbone's {what}; remove one of the two")
+        if (self.position_embedding_init == "sincos" and self.arch in VIT_PRESETS
+                and (self.hidden_size or VIT_PRESETS[self.arch]["hidden_size"]) % 4):
+            problems.append(f"position_embedding_init=sincos needs a ViT width divisible by 4, got {self.hidden_size}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer {self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:

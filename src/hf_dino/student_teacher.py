@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_dino import DinoConfig
 from .modeling_dino import DinoModel
+from .attention_initialization import initialize_attention_
 from .position_embeddings import initialize_position_embeddings_
 from .recipe import DinoRecipe
 
@@ -59,9 +60,17 @@ def build_dino_config(recipe: DinoRecipe, drop_path_rate: float) -> DinoConfig:
     )
 
 
+def initialize_vit_backbone_(vit, recipe: DinoRecipe) -> None:
+    """A freshly built transformers ViT as the recipe starts it: `position_embedding_init` (random or
+    sincos), then `attention_init` (random or mimetic, drawn from `recipe.seed`). The one place that maps
+    these fields, for the trainer and the benchmarks that train the recipe's backbone elsewhere."""
+    initialize_position_embeddings_(vit, recipe.position_embedding_init)
+    initialize_attention_(vit, recipe.attention_init, recipe.seed)
+
+
 def build_student_and_teacher(recipe: DinoRecipe, attn_implementation: str | None = None) -> tuple[DinoModel, DinoModel]:
     """Student (with stochastic depth) and teacher (without), starting from identical weights:
-    random (a ViT's position embeddings sine-cosine with `position_embedding_init: sincos`), or the
+    random (a ViT's as `initialize_vit_backbone_` sets it), or the
     backbone of `recipe.init_backbone` (the head always starts random).
     `attn_implementation` ("sdpa", "eager"; None keeps transformers' default) sets a ViT's
     attention kernel; it is not saved with the weights."""
@@ -75,7 +84,7 @@ def build_student_and_teacher(recipe: DinoRecipe, attn_implementation: str | Non
         load_strict(student.backbone, state, f"init_backbone {recipe.init_backbone}")
         logger.info("Student and teacher backbones start from %s", recipe.init_backbone)
     elif student.is_vit:
-        initialize_position_embeddings_(student.backbone, recipe.position_embedding_init)
+        initialize_vit_backbone_(student.backbone, recipe)
     teacher_config = copy.deepcopy(student_config)
     teacher_config.drop_path_rate = 0.0
     teacher = DinoModel(teacher_config)
