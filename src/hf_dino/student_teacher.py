@@ -70,8 +70,8 @@ def initialize_vit_backbone_(vit, recipe: DinoRecipe) -> None:
 
 def build_student_and_teacher(recipe: DinoRecipe, attn_implementation: str | None = None) -> tuple[DinoModel, DinoModel]:
     """Student (with stochastic depth) and teacher (without), starting from identical weights:
-    random (a ViT's as `initialize_vit_backbone_` sets it), or the
-    backbone of `recipe.init_backbone` (the head always starts random).
+    random (a ViT's position embeddings and attention as `initialize_vit_backbone_` sets them from the
+    recipe), or the backbone of `recipe.init_backbone` (the head always starts random).
     `attn_implementation` ("sdpa", "eager"; None keeps transformers' default) sets a ViT's
     attention kernel; it is not saved with the weights."""
     student_config = build_dino_config(recipe, recipe.drop_path_rate)
