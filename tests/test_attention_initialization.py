@@ -56,7 +56,7 @@ def test_mimetic_products_have_the_paper_s_structure():
 
 
 def test_mimetic_attention_with_sincos_positions_attends_to_neighbours():
-    # the demo's width and heads (192, 3: head dim 64); no image content: the tokens are the [CLS] token and
+    # width 192 with 3 heads (head dim 64); no image content: the tokens are the [CLS] token and
     # the position embeddings of an 8 x 8 grid
     def attention_on_the_3x3_neighbourhood(vit):
         embeddings = vit.embeddings.position_embeddings.detach()  # (1, 65, 192)
