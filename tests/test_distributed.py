@@ -278,7 +278,7 @@ def test_deepspeed_zero2_bf16_two_processes(tmp_path):
 AGREEMENT_WORKER = r'''
 import torch
 import torch.distributed as dist
-from hf_dino.trainer import agreed_batches
+from hf_dino.distributed import agreed_batches
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -12,7 +12,8 @@ from hf_dino.loss import DinoLoss, DinoLossOutput
 from hf_dino.modeling_dino import DinoModel
 from hf_dino.recipe import DinoRecipe
 from hf_dino.student_teacher import build_student_and_teacher
-from hf_dino.trainer import DinoTrainer, NonFiniteLossError, find_latest_checkpoint
+from hf_dino.checkpointing import find_latest_checkpoint
+from hf_dino.trainer import DinoTrainer, NonFiniteLossError
 
 METRIC_KEYS = {"step", "epoch", "loss", "lr", "weight_decay", "momentum", "teacher_temp", "img_per_s",
                "teacher_entropy", "kl_student_teacher"}
@@ -424,7 +425,7 @@ def test_bf16_on_a_cpu_runs_under_autocast_with_eager_attention(tmp_path, fresh_
 
 FAULTS_OF_REALLOCATION = """
 import resource, sys, torch
-from hf_dino.trainer import keep_freed_cpu_memory
+from hf_dino.cpu_runtime import keep_freed_cpu_memory
 applied = keep_freed_cpu_memory() if sys.argv[1] == "keep" else False
 for _ in range(3):  # warm: 64 MB tensors, above glibc's largest mmap threshold
     torch.ones(16 * 2 ** 20).sum()
@@ -486,25 +487,24 @@ def test_mixed_precision_unset_follows_the_launcher(tmp_path, fresh_accelerator_
     assert DinoTrainer(tiny_recipe(tmp_path, mixed_precision="no")).accelerator.mixed_precision == "no"
 
 
-def test_batch_norms_become_synchronised_on_several_gpu_processes(caplog):
-    from hf_dino.trainer import synchronize_batch_norms
+def test_batch_norms_become_synchronised_on_several_processes():
+    """GPU processes: torch's SyncBatchNorm; CPU processes: ProcessGroupBatchNorm; one process:
+    unchanged. The state dict (keys and values) stays the model's."""
+    from hf_dino.distributed import synchronize_batch_norms
 
     recipe = DinoRecipe(**{**tiny_recipe("unused").to_dict(), "use_bn_in_head": True})
-    student, teacher = build_student_and_teacher(recipe)
 
     def batch_norm_types(model):
         return {type(module).__name__ for module in model.modules() if "BatchNorm" in type(module).__name__}
 
-    assert batch_norm_types(student) == {"BatchNorm1d"}
-    same = synchronize_batch_norms(student, teacher, num_processes=1, device_type="cuda")
-    assert batch_norm_types(same[0]) == {"BatchNorm1d"}
-    with caplog.at_level("WARNING", logger="hf_dino.trainer"):
-        same = synchronize_batch_norms(student, teacher, num_processes=2, device_type="cpu")
-    assert batch_norm_types(same[0]) == {"BatchNorm1d"} and "SyncBatchNorm needs a GPU" in caplog.text
-    reference_state = {k: v.clone() for k, v in teacher.state_dict().items()}
-    synced_student, synced_teacher = synchronize_batch_norms(student, teacher, num_processes=2, device_type="cuda")
-    assert batch_norm_types(synced_student) == batch_norm_types(synced_teacher) == {"SyncBatchNorm"}
-    assert all(torch.equal(synced_teacher.state_dict()[k], v) for k, v in reference_state.items())
+    for num_processes, device_type, expected in ((1, "cuda", "BatchNorm1d"), (2, "cpu", "ProcessGroupBatchNorm"),
+                                                 (2, "cuda", "SyncBatchNorm")):
+        student, teacher = build_student_and_teacher(recipe)
+        reference_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+        synced_student, synced_teacher = synchronize_batch_norms(student, teacher, num_processes, device_type)
+        assert batch_norm_types(synced_student) == batch_norm_types(synced_teacher) == {expected}
+        assert synced_teacher.state_dict().keys() == reference_state.keys()
+        assert all(torch.equal(synced_teacher.state_dict()[k], v) for k, v in reference_state.items())
 
 
 def write_streamed_images(folder, num_bad_first: int, num_good: int) -> None:

@@ -13,7 +13,9 @@ copy and applies the same EMA update from the (synchronised) student.
 `set_up` (data, models, optimizer, resume), `epoch_batches`, `schedule`, `training_step`
 (the step above), `step_metrics` (logging), `evaluation_due` / `_online_knn`,
 `checkpoint_due` / `_save_checkpoint`, and `finish` (final k-NN, saved teacher).
-Model construction (`build_student_and_teacher`) lives next to the model, in `student_teacher`.
+Its rooms: the data in `data.build_training_data`, the student and teacher in
+`student_teacher`, the process group and the engines in `distributed`, the checkpoint files in
+`checkpointing`, the CPU settings in `cpu_runtime`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -32,22 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, set_seed
-from safetensors.torch import load_file, save_file
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from .data import (
-    FALLBACK_VAL_SPLITS,
-    MultiCropDataset,
-    StreamingMultiCropDataset,
-    collate_multicrop,
-    load_dataset_dict,
-    select_split,
-    streamed_split_length,
-)
+from . import checkpointing, distributed
+from .cpu_runtime import configure_cpu_training
+from .data import FALLBACK_VAL_SPLITS, MultiCropDataset, StreamingMultiCropDataset, build_training_data, select_split
 from .evaluation import knn_evaluate_splits
 from .loss import DinoLoss, DinoLossOutput, KoLeoLoss
 from .modeling_dino import DinoModel, training_attention_implementation
@@ -60,135 +53,13 @@ from .optimization import (
 )
 from .recipe import DinoRecipe
 from .schedules import cosine_schedule, teacher_temperature_schedule
-from .student_teacher import (  # noqa: F401  (build_dino_config, pretrained_backbone_config: re-exported, their home was here)
-    build_dino_config,
-    build_student_and_teacher,
-    pretrained_backbone_config,
-)
-from .transforms import MultiCropAugmentation
+from .student_teacher import build_student_and_teacher
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "checkpoint-"
-TEACHER_FILE = "teacher.safetensors"
-LOSS_STATE_FILE = "dino_loss.safetensors"
-TRAINER_STATE_FILE = "trainer_state.json"
-
-
-def keep_freed_cpu_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
-
-    A training step frees and re-allocates the same large tensors every step (activations; at
-    K = 65,536 the head's K x 256 weight, its bf16 copy and its gradient, 16-64 MB each). glibc
-    serves blocks above its mmap threshold (32 MB at most) with fresh mappings and trims the free
-    top of its heap, so the next step page-faults all of them in again: ~150,000 page faults and
-    0.2-1 s of kernel time per ViT-S/16 step on a 2-core CPU (docs/BENCHMARKS.md). With mmap and
-    trimming off (`mallopt(M_MMAP_MAX, 0)`, `mallopt(M_TRIM_THRESHOLD, INT_MAX)`) the memory one
-    step frees serves the next; the process's footprint stays at its peak. Affects the whole
-    process from now on. Returns False (and changes nothing) where the C library is not glibc.
-    """
-    import ctypes
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
-
-
-def cpu_has_bf16_matmuls() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without either, oneDNN
-    emulates bf16: on the AVX2-only AMD EPYC this project was built on, a bf16 matmul ran ~500x
-    slower than fp32 (docs/BENCHMARKS.md)."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def cpu_process_group_arguments() -> dict:
-    """`Accelerator` arguments for several processes on a machine without a GPU (CI, tests).
-
-    Plain data parallelism (torchrun, or `accelerate launch --multi_gpu` there): Accelerate forms
-    a gloo group only when told to use the CPU (`cpu=True`). A DeepSpeed launch must keep its
-    engine, which `cpu=True` would replace by plain data parallelism: it gets the gloo backend
-    instead (without any, Accelerate would count a single process). Accelerate runs FSDP on GPUs
-    only: an FSDP launch on CPUs falls back to plain data parallelism. {} with a GPU or one process.
-    """
-    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return {}
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
-        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
-    return {"cpu": True}
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops and the last checkpoint stays intact."""
-
-
-# devices whose tensors torch's SyncBatchNorm synchronises (it refuses CPU tensors)
-SYNC_BATCH_NORM_DEVICES = ("cuda", "xpu", "hpu")
-
-
-def synchronize_batch_norms(student: nn.Module, teacher: nn.Module, num_processes: int,
-                            device_type: str) -> tuple[nn.Module, nn.Module]:
-    """With several processes, turn every BatchNorm of student and teacher (ResNet backbones,
-    `use_bn_in_head`) into a SyncBatchNorm, as the reference does: batch statistics over the
-    global batch, and teacher replicas whose running statistics stay identical. A no-op for one
-    process or a model without batch norm. torch's SyncBatchNorm runs only on GPU-like devices:
-    on several CPU processes each keeps per-process statistics (a warning says so)."""
-    has_batch_norms = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in student.modules())
-    if num_processes == 1 or not has_batch_norms:
-        return student, teacher
-    if device_type not in SYNC_BATCH_NORM_DEVICES:
-        logger.warning("Batch norms stay per-process on %s: torch's SyncBatchNorm needs a GPU", device_type)
-        return student, teacher
-    convert = nn.SyncBatchNorm.convert_sync_batchnorm
-    return convert(student), convert(teacher)
-
-
-def agreement_process_group():
-    """A gloo group over all processes for the small host-side agreements of the training loop
-    (which batches to train on, images per process): the default group when it is gloo already,
-    a new one otherwise (NCCL would need device tensors and a device synchronisation per step).
-    Collective: every process must call it."""
-    if dist.get_backend() == "gloo":
-        return None
-    return dist.new_group(backend="gloo")
-
-
-def agreed_batches(batches: Iterable[dict], num_processes: int = 1, group=None) -> Iterator[tuple[dict, bool]]:
-    """(batch, trainable) for each batch of `batches` ({"crops": list of V tensors, possibly
-    empty}) while every process still has one.
-
-    With several processes, one all-reduce of two flags per batch (on `group`, a CPU gloo group:
-    no device synchronisation) makes every process take the same decision: the epoch ends as soon
-    as one process's data is exhausted (streamed shards of different lengths), and a batch is
-    trained on only if every process has at least one decodable image in it; otherwise every
-    process skips it alike, so no collective waits for a process that left the step.
-    Collective: every process must iterate it in step with the others.
-    """
-    iterator = iter(batches)
-    while True:
-        batch = next(iterator, None)
-        has_batch = batch is not None
-        has_images = has_batch and len(batch["crops"]) > 0
-        if num_processes > 1:
-            flags = torch.tensor([int(has_batch), int(has_images)], dtype=torch.int32)
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
-            has_batch, has_images = bool(flags[0]), bool(flags[1])
-        if not has_batch:
-            return
-        yield batch, has_images
-
-
-def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """Newest complete `checkpoint-STEP` folder, as transformers' `get_last_checkpoint` finds it
-    (the `checkpoint-STEP.tmp` folder of an interrupted write does not match its pattern)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if not Path(output_dir).is_dir():
-        return None
-    latest = get_last_checkpoint(str(output_dir))
-    return Path(latest) if latest else None
 
 
 @dataclass
@@ -281,19 +152,12 @@ class DinoTrainer:
             log_with=recipe.report_to_list() or None,
             project_dir=str(self.output_dir),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-            **cpu_process_group_arguments(),
+            **distributed.cpu_process_group_arguments(),
         )
         if self.accelerator.device.type == "cpu":
-            # `accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which halves a
-            # 2-core demo's speed; share the cores among the local processes instead.
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes)))
-            torch.set_num_threads(recipe.num_threads or max(1, cores // local_processes))
-            if self.accelerator.mixed_precision == "bf16" and not cpu_has_bf16_matmuls():
-                logger.warning("mixed_precision bf16 on a CPU without bf16 matmul hardware (AVX512-BF16 or AMX): "
-                               "bf16 is emulated here and can be far slower than fp32; use --mixed_precision no")
-            if recipe.keep_freed_cpu_memory and keep_freed_cpu_memory():
-                logger.info("glibc malloc keeps freed memory for reuse (keep_freed_cpu_memory)")
+            local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes))
+            configure_cpu_training(recipe.num_threads, local_processes, self.accelerator.mixed_precision,
+                                   recipe.keep_freed_cpu_memory)
         self.num_skipped_images = 0  # undecodable images, all processes together
         self._skipped_images_here = 0  # ... found by this process since the last log
         self.num_skipped_batches = 0  # steps skipped on every process: some process had no decodable image
@@ -306,51 +170,6 @@ class DinoTrainer:
             from .hub import HubPusher
 
             self.pusher = HubPusher(recipe.hub_model_id, recipe.hub_private_repo)
-
-    # ------------------------------------------------------------------ set-up
-    def _build_data(self):
-        """Returns (all splits, training dataset, DataLoader, batches per epoch per process)."""
-        recipe, accelerator = self.recipe, self.accelerator
-        dataset_dict = load_dataset_dict(recipe.dataset_name, streaming=recipe.streaming,
-                                         config_name=recipe.dataset_config_name)
-        train_split = select_split(dataset_dict, recipe.train_split)
-        augmentation = MultiCropAugmentation(
-            global_crop_size=recipe.global_crop_size, local_crop_size=recipe.local_crop_size,
-            global_crops_scale=recipe.global_crops_scale, local_crops_scale=recipe.local_crops_scale,
-            local_crops_number=recipe.local_crops_number, params=recipe.augmentation_params())
-        loader_kwargs = dict(batch_size=recipe.batch_size_per_device, drop_last=True, num_workers=recipe.num_workers,
-                             collate_fn=collate_multicrop, pin_memory=accelerator.device.type == "cuda",
-                             # Workers live for the whole run; the epoch reaches them through shared memory.
-                             persistent_workers=recipe.num_workers > 0,
-                             prefetch_factor=4 if recipe.num_workers > 0 else None)
-        if recipe.streaming:
-            num_examples = streamed_split_length(train_split)
-            if recipe.max_train_samples is not None:
-                train_split = train_split.take(recipe.max_train_samples)
-                num_examples = min(num_examples or recipe.max_train_samples, recipe.max_train_samples)
-            if num_examples is None:
-                raise ValueError("The streamed split does not declare its length, so an epoch is undefined: "
-                                 "pass --max_train_samples N (one epoch = N images).")
-            train_dataset = StreamingMultiCropDataset(
-                train_split, augmentation, recipe.image_column, seed=recipe.seed,
-                shuffle_buffer_size=recipe.shuffle_buffer_size,
-                rank=accelerator.process_index, world_size=accelerator.num_processes)
-            # Not prepared by Accelerate: the stream is already split across processes.
-            dataloader = torch.utils.data.DataLoader(train_dataset, **loader_kwargs)
-            batches_per_epoch = num_examples // accelerator.num_processes // recipe.batch_size_per_device
-        else:
-            if recipe.max_train_samples is not None:
-                train_split = train_split.select(range(min(recipe.max_train_samples, len(train_split))))
-            train_dataset = MultiCropDataset(train_split, augmentation, recipe.image_column, seed=recipe.seed)
-            dataloader = torch.utils.data.DataLoader(train_dataset, shuffle=True,
-                                                     generator=torch.Generator().manual_seed(recipe.seed),
-                                                     **loader_kwargs)
-            dataloader = accelerator.prepare(dataloader)
-            batches_per_epoch = len(dataloader)
-        if batches_per_epoch < recipe.gradient_accumulation_steps:
-            raise ValueError(f"The training split holds fewer than {recipe.gradient_accumulation_steps} batches of "
-                             f"{recipe.batch_size_per_device} per process; lower --batch_size_per_device or use more data.")
-        return dataset_dict, train_dataset, dataloader, batches_per_epoch
 
     # ------------------------------------------------------------------ training
     def train(self) -> dict:
@@ -399,7 +218,7 @@ class DinoTrainer:
                     if window.steps:  # steps since the last log: never checkpoint non-finite weights
                         self._check_finite(window.sums["loss"].item(), run.global_step - window.steps + 1,
                                            run.global_step)
-                    self._save_checkpoint(run.global_step, epoch, run.batches_done, run.teacher, run.dino_loss)
+                    self._save_checkpoint(run, epoch)
                 if run.global_step >= run.total_steps:
                     break
             self._end_epoch(epoch, images_here, run.global_step - epoch_first_step, run.steps_per_epoch)
@@ -412,13 +231,14 @@ class DinoTrainer:
         recipe, accelerator = self.recipe, self.accelerator
         set_seed(recipe.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        dataset_dict, train_dataset, dataloader, batches_per_epoch = self._build_data()
+        distributed.warn_fsdp_on_cpu(accelerator)
+        data = build_training_data(recipe, accelerator)
 
         attention = training_attention_implementation(recipe.attn_implementation, accelerator.device.type,
                                                       accelerator.mixed_precision)
         student, teacher = build_student_and_teacher(recipe, attention)
-        student, teacher = synchronize_batch_norms(student, teacher, accelerator.num_processes,
-                                                   accelerator.device.type)
+        student, teacher = distributed.synchronize_batch_norms(student, teacher, accelerator.num_processes,
+                                                               accelerator.device.type)
         if recipe.gradient_checkpointing:  # activations of each block are recomputed in the backward pass
             getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
         teacher.to(accelerator.device)
@@ -428,25 +248,21 @@ class DinoTrainer:
         student.to(accelerator.device)
         optimizer = build_optimizer(student, recipe.optimizer, recipe.sgd_momentum)
         if self._deepspeed:
-            self._configure_deepspeed_batch()
+            distributed.configure_deepspeed_batch(accelerator, recipe.batch_size_per_device,
+                                                  recipe.gradient_accumulation_steps)
         student, optimizer = accelerator.prepare(student, optimizer)
-        teacher = self._prepare_teacher(teacher)
+        teacher = distributed.prepare_teacher(accelerator, teacher, recipe.clip_grad)
         unwrapped_student = accelerator.unwrap_model(student)
         self.student, self.teacher = unwrapped_student, teacher
         student_parameters = list(unwrapped_student.parameters())
         self._last_layer_frozen = False
         if self._deepspeed and recipe.freeze_last_layer:
-            # DeepSpeed reduces gradients into its own buffers during backward, so they cannot be
-            # dropped afterwards: zero the last layer's gradients as they are produced (so that Adam's
-            # moments stay zero), and its lr is 0 meanwhile (so that weight decay cannot move it).
-            for parameter in unwrapped_student.head.last_layer.parameters():
-                if parameter.requires_grad:
-                    parameter.register_hook(lambda grad: torch.zeros_like(grad) if self._last_layer_frozen else grad)
+            distributed.freeze_last_layer_under_deepspeed(unwrapped_student.head, lambda: self._last_layer_frozen)
         if accelerator.num_processes > 1:
-            self._agreement_group = agreement_process_group()
+            self._agreement_group = distributed.agreement_process_group()
 
         global_batch = recipe.batch_size_per_device * accelerator.num_processes * recipe.gradient_accumulation_steps
-        steps_per_epoch = batches_per_epoch // recipe.gradient_accumulation_steps
+        steps_per_epoch = data.batches_per_epoch // recipe.gradient_accumulation_steps
         total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
         run = TrainingRun(
             student=student, teacher=teacher, optimizer=optimizer, dino_loss=dino_loss, koleo_loss=KoLeoLoss(),
@@ -455,16 +271,13 @@ class DinoTrainer:
             teacher_forward=torch.compile(teacher) if recipe.torch_compile else teacher,
             student_parameters=student_parameters, teacher_parameters=list(teacher.parameters()),
             trainable_parameters=[p for p in student_parameters if p.requires_grad],
-            dataset_dict=dataset_dict, train_dataset=train_dataset, dataloader=dataloader,
+            dataset_dict=data.dataset_dict, train_dataset=data.train_dataset, dataloader=data.dataloader,
             global_batch=global_batch, base_lr=recipe.lr * global_batch / 256.0,  # linear scaling rule
             steps_per_epoch=steps_per_epoch,
             batches_per_epoch=steps_per_epoch * recipe.gradient_accumulation_steps,  # whole steps only
             total_steps=total_steps, num_epochs=math.ceil(total_steps / steps_per_epoch))
         if recipe.resume_from_checkpoint:
-            run.global_step, run.start_epoch, run.batches_to_skip = self._load_checkpoint(
-                recipe.resume_from_checkpoint, teacher, dino_loss, steps_per_epoch)
-            if run.batches_to_skip >= run.batches_per_epoch:  # the checkpoint closed its epoch
-                run.start_epoch, run.batches_to_skip = run.start_epoch + 1, 0
+            self._load_checkpoint(run)
         if accelerator.is_main_process:
             (self.output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
         accelerator.init_trackers("hf_dino", config={k: v for k, v in recipe.to_dict().items()
@@ -486,7 +299,7 @@ class DinoTrainer:
             batches = (itertools.islice(run.dataloader, run.batches_done, None) if self.recipe.streaming
                        else self.accelerator.skip_first_batches(run.dataloader, run.batches_done))
         batches = itertools.islice(batches, run.batches_per_epoch - run.batches_done)
-        return agreed_batches(batches, self.accelerator.num_processes, self._agreement_group)
+        return distributed.agreed_batches(batches, self.accelerator.num_processes, self._agreement_group)
 
     def schedule(self, run: TrainingRun, epoch: int) -> StepSchedule:
         """This step's lr (linear warm-up, then cosine), weight decay and teacher momentum (cosine),
@@ -586,8 +399,8 @@ class DinoTrainer:
                    "num_skipped_images": self._total_skipped_images(),
                    "num_skipped_batches": self.num_skipped_batches}
         accelerator.wait_for_everyone()
-        self._align_teacher_buffers(run.teacher)
-        teacher = self._exportable_teacher(run.teacher, on_every_process=recipe.knn_eval_at_end)
+        distributed.align_teacher_buffers(accelerator, run.teacher)
+        teacher = distributed.exportable_teacher(accelerator, run.teacher, on_every_process=recipe.knn_eval_at_end)
         if recipe.knn_eval_at_end:  # every process extracts a shard of the features
             results["knn"] = self.evaluate_knn(teacher, run.dataset_dict)
         if accelerator.is_main_process:
@@ -605,111 +418,24 @@ class DinoTrainer:
     # ------------------------------------------------------------------ several processes
     def _end_epoch(self, epoch: int, images_here: int, steps: int, steps_per_epoch: int) -> None:
         """Count the images each process trained on in this epoch and log them."""
-        counts = torch.tensor([images_here], dtype=torch.long)
-        if self.accelerator.num_processes > 1:
-            gathered = [torch.zeros_like(counts) for _ in range(self.accelerator.num_processes)]
-            dist.all_gather(gathered, counts, group=self._agreement_group)
-            counts = torch.cat(gathered)
-        self.images_per_process = [total + int(count) for total, count in zip(self.images_per_process, counts)]
+        counts = distributed.gather_counts(images_here, self.accelerator.num_processes, self._agreement_group)
+        self.images_per_process = [total + count for total, count in zip(self.images_per_process, counts)]
         if steps < steps_per_epoch:
             logger.warning("Epoch %d ran %d of %d steps (data exhausted on a process, or %d skipped batches so far)",
                            epoch, steps, steps_per_epoch, self.num_skipped_batches)
         if self.accelerator.is_main_process:
-            logger.info("Epoch %d: %d steps; images trained on per process: %s", epoch, steps, counts.tolist())
+            logger.info("Epoch %d: %d steps; images trained on per process: %s", epoch, steps, counts)
 
     def _total_skipped_images(self) -> int:
         """Undecodable images met so far by all processes together (collective with several)."""
-        if self.accelerator.num_processes > 1:
-            here = torch.tensor([self._skipped_images_here], dtype=torch.long)
-            dist.all_reduce(here, group=self._agreement_group)
-            self._skipped_images_here = 0
-            self.num_skipped_images += int(here)
-        else:
-            self.num_skipped_images += self._skipped_images_here
-            self._skipped_images_here = 0
+        self.num_skipped_images += sum(distributed.gather_counts(self._skipped_images_here,
+                                                                 self.accelerator.num_processes, self._agreement_group))
+        self._skipped_images_here = 0
         return self.num_skipped_images
 
-    def _configure_deepspeed_batch(self) -> None:
-        """DeepSpeed needs its micro-batch before the model is prepared (the DataLoader is prepared
-        separately), and its gradient accumulation must be the recipe's."""
-        plugin = self.accelerator.state.deepspeed_plugin
-        config = plugin.deepspeed_config
-        if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-            config["train_micro_batch_size_per_gpu"] = self.recipe.batch_size_per_device
-        # derived from the above (Accelerate may have filled in a value without the process count)
-        config["train_batch_size"] = (config["train_micro_batch_size_per_gpu"] * self.accelerator.num_processes
-                                      * self.recipe.gradient_accumulation_steps)
-        accumulation = config.get("gradient_accumulation_steps", "auto")
-        if accumulation not in ("auto", self.recipe.gradient_accumulation_steps):
-            raise ValueError(f"The DeepSpeed config's gradient_accumulation_steps ({accumulation}) differs from "
-                             f"the recipe's ({self.recipe.gradient_accumulation_steps}); set both to the same value")
-
-    def _align_teacher_buffers(self, teacher: DinoModel) -> None:
-        """Batch-norm running statistics of a teacher whose batch norms are not synchronised (several
-        CPU processes) differ per process: take process 0's before evaluating and saving."""
-        if self.accelerator.num_processes == 1 or self._fsdp:
-            return
-        for buffer in teacher.buffers():
-            if buffer.is_floating_point() or buffer.dtype == torch.long:
-                dist.broadcast(buffer.data, src=0)
-
-    # ------------------------------------------------------------------ engines
     @property
     def _deepspeed(self) -> bool:
-        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
-
-    @property
-    def _fsdp(self) -> bool:
-        return self.accelerator.distributed_type == DistributedType.FSDP
-
-    def _prepare_teacher(self, teacher: DinoModel) -> DinoModel:
-        """Place the teacher for the engine in use. It never gets an optimizer or gradients.
-
-        - single process / DDP / DeepSpeed ZeRO-1,2: a full replica on every process (the student's
-          parameters are whole there too, so the EMA is a plain element-wise update);
-        - FSDP2: sharded exactly like the student, so that the EMA runs on local shards without any
-          communication (see `optimization.ema_update`); its forward all-gathers like the student's;
-        - ZeRO-3 partitions parameters inside DeepSpeed's flat buffers, where a per-parameter EMA
-          would need a gather every step: refused, use FSDP for parameter sharding.
-        """
-        accelerator = self.accelerator
-        if self._deepspeed:
-            plugin = accelerator.state.deepspeed_plugin
-            if plugin.zero_stage == 3:
-                raise ValueError("DeepSpeed ZeRO-3 is not supported (the EMA teacher needs per-parameter "
-                                 "access); use configs/accelerate/deepspeed_zero2.yaml or fsdp_full_shard.yaml")
-            if self.recipe.clip_grad > 0:
-                # DeepSpeed owns the gradients (flat, partitioned buffers): per-parameter clipping cannot
-                # run, DeepSpeed's own global-norm clipping (`gradient_clipping` in its config) does.
-                logger.warning("DeepSpeed: per-parameter clipping is replaced by DeepSpeed's global-norm "
-                               "`gradient_clipping` (%s in its config)", plugin.deepspeed_config.get("gradient_clipping"))
-            return teacher
-        if self._fsdp:
-            if not accelerator.is_fsdp2:
-                raise ValueError("hf_dino needs FSDP version 2 (`fsdp_version: 2` in the accelerate config): "
-                                 "the shard-wise EMA works on per-parameter shards")
-            # `prepare_model` refuses FSDP2 (it wants an optimizer); the student's own preparation function
-            # shards the teacher with the same auto-wrap policy and mesh, hence the same shard layout
-            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
-            return fsdp2_prepare_model(accelerator, teacher)
-        return teacher
-
-    def _exportable_teacher(self, teacher: DinoModel, on_every_process: bool = False) -> DinoModel:
-        """A plain, unsharded `DinoModel` with the teacher's weights (collective under FSDP: every
-        process must call it): on the main process, or on every process with `on_every_process`
-        (for a sharded evaluation); the teacher itself when it is not sharded."""
-        if not self._fsdp:
-            return teacher
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        # full_state_dict + cpu_offload: only rank 0 receives the tensors; without offload, every rank
-        options = StateDictOptions(full_state_dict=True, cpu_offload=not on_every_process)
-        state = get_model_state_dict(teacher, options=options)
-        plain = DinoModel(self.accelerator.unwrap_model(teacher).config)
-        if on_every_process or self.accelerator.is_main_process:
-            plain.load_state_dict(state)
-        return plain.to(self.accelerator.device)
+        return distributed.is_deepspeed(self.accelerator)
 
     # ------------------------------------------------------------------ helpers
     def _check_finite(self, loss: float, first_step: int, last_step: int) -> None:
@@ -731,88 +457,41 @@ class DinoTrainer:
             with open(self.output_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(metrics) + "\n")
 
-    def _save_checkpoint(self, step: int, epoch: int, batches_in_epoch: int, teacher: DinoModel,
-                         dino_loss: DinoLoss) -> Path:
-        """Write `checkpoint-STEP/` atomically: into `checkpoint-STEP.tmp`, then rename. It holds
-        Accelerate's state (student, optimizer, RNG, data position), the teacher and the centre
-        (safetensors), `trainer_state.json`, and `teacher_backbone/` (a transformers model folder).
-        `batches_in_epoch`: batches of `epoch` consumed so far, skipped ones included."""
-        accelerator = self.accelerator
-        num_skipped_images = self._total_skipped_images()
-        final = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
-        temporary = self.output_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
-        if accelerator.is_main_process and temporary.exists():
-            shutil.rmtree(temporary)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(temporary), safe_serialization=True)
-        teacher = self._exportable_teacher(teacher)
-        if accelerator.is_main_process:
-            save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(temporary / TEACHER_FILE))
-            save_file(dino_loss.state_dict(), str(temporary / LOSS_STATE_FILE))
-            state = {"global_step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                     "num_skipped_images": num_skipped_images, "num_skipped_batches": self.num_skipped_batches,
-                     "images_per_process": self.images_per_process}
-            (temporary / TRAINER_STATE_FILE).write_text(json.dumps(state))
-            # the teacher backbone as a transformers folder: AutoModel.from_pretrained loads it, and it
-            # is pushed to the Hub as is
-            from .hub import save_teacher_backbone
+    def _save_checkpoint(self, run: TrainingRun, epoch: int) -> Path:
+        """`checkpointing.save_checkpoint` of this run at its current step (collective)."""
+        state = {"global_step": run.global_step, "epoch": epoch, "batches_in_epoch": run.batches_done,
+                 "num_skipped_images": self._total_skipped_images(), "num_skipped_batches": self.num_skipped_batches,
+                 "images_per_process": self.images_per_process}
+        teacher = distributed.exportable_teacher(self.accelerator, run.teacher)
+        return checkpointing.save_checkpoint(self.accelerator, self.output_dir, run.global_step, teacher,
+                                             run.dino_loss, state, self.recipe, self.pusher)
 
-            save_teacher_backbone(teacher, temporary / "teacher_backbone", self.recipe, {"global_step": step})
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(temporary, final)
-            if self.pusher is not None:
-                self.pusher.push(final / "teacher_backbone", f"DINO teacher backbone, step {step}")
-            self._rotate_checkpoints()
-        accelerator.wait_for_everyone()
-        return final
-
-    def _rotate_checkpoints(self) -> None:
-        limit = self.recipe.save_total_limit
-        if not limit:
-            return
-        checkpoints = sorted((p for p in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*")
-                              if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()),
-                             key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-        for old in checkpoints[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _safetensors_device(self) -> str:
-        """The device as safetensors names it ("cpu", not Accelerate's "cpu:0" of CPU processes)."""
-        device = self.accelerator.device
-        return "cpu" if device.type == "cpu" else str(device)
-
-    def _load_checkpoint(self, checkpoint: str, teacher: DinoModel, dino_loss: DinoLoss,
-                         steps_per_epoch: int) -> tuple[int, int, int]:
-        """Restore a checkpoint; returns (global step, epoch, batches of that epoch already consumed)."""
-        path = find_latest_checkpoint(self.output_dir) if checkpoint == "latest" else Path(checkpoint)
+    def _load_checkpoint(self, run: TrainingRun) -> None:
+        """Restore `recipe.resume_from_checkpoint` into `run`: models, optimizer, centre, counters and
+        the position in the epoch to continue from."""
+        path = checkpointing.resolve_checkpoint(self.recipe.resume_from_checkpoint, self.output_dir)
         if path is None:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting from scratch",
-                           self.output_dir)
-            return 0, 0, 0
-        if not (path / TRAINER_STATE_FILE).exists():
-            raise FileNotFoundError(f"{path} is not a complete hf_dino checkpoint (no {TRAINER_STATE_FILE}).")
-        self.accelerator.load_state(str(path))  # under FSDP this restores the (prepared) teacher's shards too
-        if not self._fsdp:
-            teacher.load_state_dict(load_file(str(path / TEACHER_FILE), device=self._safetensors_device()))
-        dino_loss.load_state_dict(load_file(str(path / LOSS_STATE_FILE), device=self._safetensors_device()))
-        state = json.loads((path / TRAINER_STATE_FILE).read_text())
+            return
+        state = checkpointing.load_checkpoint(self.accelerator, path, run.teacher, run.dino_loss,
+                                              teacher_is_sharded=distributed.is_fsdp(self.accelerator))
         self.num_skipped_images = state["num_skipped_images"]
         self.num_skipped_batches = state.get("num_skipped_batches", 0)
         if len(state.get("images_per_process", [])) == self.accelerator.num_processes:
             self.images_per_process = state["images_per_process"]
-        step = state["global_step"]
-        epoch = state.get("epoch", step // steps_per_epoch)
+        run.global_step = state["global_step"]
+        run.start_epoch = state.get("epoch", run.global_step // run.steps_per_epoch)
         # checkpoints without `batches_in_epoch` come from runs where every epoch had all its steps
-        batches_in_epoch = state.get("batches_in_epoch",
-                                     (step - epoch * steps_per_epoch) * self.recipe.gradient_accumulation_steps)
-        logger.info("Resumed from %s at step %d", path, step)
-        return step, epoch, batches_in_epoch
+        run.batches_to_skip = state.get("batches_in_epoch", (run.global_step - run.start_epoch * run.steps_per_epoch)
+                                        * self.recipe.gradient_accumulation_steps)
+        if run.batches_to_skip >= run.batches_per_epoch:  # the checkpoint closed its epoch
+            run.start_epoch, run.batches_to_skip = run.start_epoch + 1, 0
+        logger.info("Resuming at step %d (epoch %d, %d batches of it done)", run.global_step, run.start_epoch,
+                    run.batches_to_skip)
 
     def _online_knn(self, teacher: DinoModel, dataset_dict) -> dict:
         """k-NN of the teacher during training, every process extracting a shard of the features:
         {"knn_top1", "knn_top5"} or {}."""
-        teacher = self._exportable_teacher(teacher, on_every_process=True)
+        teacher = distributed.exportable_teacher(self.accelerator, teacher, on_every_process=True)
         was_training = teacher.training
         knn = self.evaluate_knn(teacher, dataset_dict)
         teacher.train(was_training)
