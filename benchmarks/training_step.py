@@ -121,9 +121,10 @@ def _step_recipe(settings: BenchmarkSettings):
                       local_crops_number=settings.local_crops_number, out_dim=settings.out_dim)
 
 
-def build_hf_dino_step(settings: BenchmarkSettings, device: str):
+def build_hf_dino_step(settings: BenchmarkSettings, device: str, compile_backend: str = "inductor"):
     """One hf_dino optimizer step (teacher + student forward, loss, backward, clip, AdamW, EMA,
-    centre) as a closure over pre-made crops, plus the student for FLOP counting."""
+    centre) as a closure over pre-made crops; `step.student` and `step.teacher` are its (uncompiled)
+    networks. `compile_backend`: torch.compile's backend when `settings.torch_compile`."""
     from hf_dino.loss import DinoLoss
     from hf_dino.modeling_dino import training_attention_implementation
     from hf_dino.optimization import build_optimizer, clip_gradients_per_parameter, ema_update
@@ -142,7 +143,8 @@ def build_hf_dino_step(settings: BenchmarkSettings, device: str):
     student_parameters, teacher_parameters = list(student.parameters()), list(teacher.parameters())
     trainable = [p for p in student_parameters if p.requires_grad]
     crops = _crops(settings, device)
-    student_forward, teacher_forward = ((torch.compile(student), torch.compile(teacher)) if settings.torch_compile
+    student_forward, teacher_forward = ((torch.compile(student, backend=compile_backend),
+                                         torch.compile(teacher, backend=compile_backend)) if settings.torch_compile
                                         else (student, teacher))
 
     def step() -> torch.Tensor:
@@ -168,6 +170,7 @@ def build_hf_dino_step(settings: BenchmarkSettings, device: str):
         loss_fn.update_center()
         return loss.detach()  # no host sync: the caller synchronises once per timing window
 
+    step.student, step.teacher = student, teacher
     return step
 
 
@@ -245,7 +248,8 @@ def reference_student_and_teacher(vits, utils, recipe):
 def build_reference_step(settings: BenchmarkSettings, device: str, reference_repo: str):
     """The reference's training iteration (main_dino.train_one_epoch) on pre-made crops: its
     MultiCropWrapper(ViT, DINOHead), DINOLoss, get_params_groups + AdamW, clip_gradients,
-    cancel_gradients_last_layer, the per-parameter EMA loop and the per-step `loss.item()`."""
+    cancel_gradients_last_layer, the per-parameter EMA loop and the per-step `loss.item()`;
+    `step.student` and `step.teacher` are its MultiCropWrapper networks."""
     vits, utils, main_dino = import_reference(reference_repo)
     _single_process_group()
     student, teacher = reference_student_and_teacher(vits, utils, _step_recipe(settings))
@@ -280,6 +284,7 @@ def build_reference_step(settings: BenchmarkSettings, device: str, reference_rep
                 param_k.data.mul_(0.996).add_((1 - 0.996) * param_q.detach().data)
         return loss.detach()
 
+    step.student, step.teacher = student, teacher
     return step
 
 
@@ -327,7 +332,7 @@ def _start_step_measurement(settings: BenchmarkSettings) -> str:
         torch.set_num_threads(settings.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and settings.keep_freed_cpu_memory:
-        from hf_dino.trainer import keep_freed_cpu_memory
+        from hf_dino.cpu_runtime import keep_freed_cpu_memory
 
         keep_freed_cpu_memory()
     return device
@@ -380,8 +385,9 @@ def measure_training_interleaved(settings: BenchmarkSettings, reference_repo: st
             "train_img_per_s_ratio": statistics.median(ratios), "train_img_per_s_ratios": ratios}
 
 
-def synthetic_jpegs(settings: BenchmarkSettings) -> list[bytes]:
-    """~256 px JPEG photographs (scikit-image's samples when installed, else smooth random images)."""
+def synthetic_jpegs(settings: BenchmarkSettings, short_side: int = 256) -> list[bytes]:
+    """`settings.num_images` JPEG photographs resized to `short_side` px on their short side
+    (scikit-image's samples when installed, else smooth random images)."""
     from PIL import Image
 
     rng = np.random.default_rng(settings.seed)
@@ -399,7 +405,7 @@ def synthetic_jpegs(settings: BenchmarkSettings) -> list[bytes]:
         else:
             array = (np.cumsum(rng.random((64, 64, 3)), axis=0) % 1 * 255).astype(np.uint8)
         image = Image.fromarray(array).convert("RGB")
-        scale = 256 / min(image.size)
+        scale = short_side / min(image.size)
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
