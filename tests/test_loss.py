@@ -204,8 +204,14 @@ def test_koleo_matches_numpy_and_pushes_neighbours_apart():
         assert KoLeoLoss()(features - 0.05 * features.grad).item() < loss.item()
 
 
-def test_koleo_rejects_a_single_feature():
+def test_koleo_of_a_single_feature_is_zero_and_a_bad_shape_is_refused():
+    """One image in the global batch has no neighbour: the term vanishes (no gradient), instead of
+    stopping the run."""
     from hf_dino.loss import KoLeoLoss
 
-    with pytest.raises(ValueError, match="N >= 2"):
-        KoLeoLoss()(torch.randn(1, 4))
+    features = torch.randn(1, 4, requires_grad=True)
+    loss = KoLeoLoss()(features)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(features.grad, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        KoLeoLoss()(torch.randn(4))

@@ -2,8 +2,8 @@
 
 `OUTPUT_DIR/checkpoint-STEP/` holds Accelerate's state (student, optimizer, scaler, RNG, sampler
 position), `teacher.safetensors`, `dino_loss.safetensors` (the centre), `trainer_state.json`
-(step, epoch, batches of the epoch consumed, counters, and each process's position in a streamed
-dataset) and `teacher_backbone/` (a transformers model folder). It is written to
+(step, epoch, batches of the epoch consumed, counters), `process_state-rankR.json` (each process's
+position in a streamed dataset) and `teacher_backbone/` (a transformers model folder). It is written to
 `checkpoint-STEP.tmp` and renamed, so a crash mid-write leaves the previous checkpoint intact.
 """
 
@@ -25,6 +25,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TEACHER_FILE = "teacher.safetensors"
 LOSS_STATE_FILE = "dino_loss.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
+PROCESS_STATE_FILE = "process_state-rank{rank}.json"
 
 
 def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -39,17 +40,22 @@ def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, teacher: nn.Module, dino_loss: nn.Module,
-                    trainer_state: dict[str, Any], recipe, pusher=None) -> Path:
+                    trainer_state: dict[str, Any], recipe, pusher=None, process_state: dict | None = None) -> Path:
     """Write `output_dir/checkpoint-STEP/` atomically (into `checkpoint-STEP.tmp`, then renamed) and
     keep the newest `recipe.save_total_limit`. `teacher`: a plain (unsharded) model on the main
-    process; `trainer_state`: JSON-serialisable, written as `trainer_state.json`; `pusher`: uploads
-    the checkpoint's `teacher_backbone/` (main process). Collective: every process must call it."""
+    process; `trainer_state`: JSON-serialisable, written as `trainer_state.json`; `process_state`:
+    this process's own (JSON-serialisable, e.g. its position in a streamed dataset), written by
+    every process as `process_state-rankR.json`; `pusher`: uploads the checkpoint's
+    `teacher_backbone/` (main process). Collective: every process must call it."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     temporary = output_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
     if accelerator.is_main_process and temporary.exists():
         shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary), safe_serialization=True)
+    if process_state is not None:
+        (temporary / PROCESS_STATE_FILE.format(rank=accelerator.process_index)).write_text(json.dumps(process_state))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(temporary / TEACHER_FILE))
         save_file(dino_loss.state_dict(), str(temporary / LOSS_STATE_FILE))
@@ -105,3 +111,15 @@ def load_checkpoint(accelerator, path: Path, teacher: nn.Module, dino_loss: nn.M
     dino_loss.load_state_dict(load_file(str(path / LOSS_STATE_FILE), device=device))
     logger.info("Resumed from %s", path)
     return json.loads((path / TRAINER_STATE_FILE).read_text())
+
+
+def load_process_state(path: Path, process_index: int, num_processes: int) -> dict | None:
+    """This process's `process_state-rankR.json` of checkpoint `path`, or None when the checkpoint has
+    none; a checkpoint written by another number of processes is a ValueError."""
+    written = len(list(path.glob(PROCESS_STATE_FILE.format(rank="*"))))
+    if written == 0:
+        return None
+    if written != num_processes:
+        raise ValueError(f"{path} was written by {written} processes, this run has {num_processes}: resume a "
+                         f"streamed run with the same number of processes (its stream is split by process)")
+    return json.loads((path / PROCESS_STATE_FILE.format(rank=process_index)).read_text())

@@ -7,8 +7,10 @@ corrupt file is skipped and counted instead of crashing a worker.
 
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
 import io
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -28,8 +30,10 @@ logger = logging.getLogger(__name__)
 
 DEMO_DATASET_DIR = Path(__file__).parent / "demo_data" / "cifar10"
 FALLBACK_VAL_SPLITS = ("validation", "test", "val", "valid")
-# Larger images are legitimate (satellite, pathology); refuse only absurd decompression bombs.
-Image.MAX_IMAGE_PIXELS = 50_000 * 50_000
+# Images with more pixels are skipped from their header, before any decoding (`max_image_pixels`):
+# a 30000 x 30000 PNG of 100 kB would otherwise take 2.7 GB in a DataLoader worker. Pillow's own
+# guard (`PIL.Image.MAX_IMAGE_PIXELS`) is left as Pillow sets it.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 _EXTENSION_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
@@ -82,12 +86,19 @@ def prepare_image_column(dataset, image_column: str):
     return dataset
 
 
-def decode_image(value: Any) -> np.ndarray | None:
-    """Decode an image cell to a uint8 RGB array (H, W, 3), or None when it cannot be read.
+def decode_image(value: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray | None:
+    """Decode an image cell to a uint8 RGB array (H, W, 3), or None when it cannot be read or holds
+    more than `max_pixels` pixels (`read_image`)."""
+    return read_image(value, max_pixels)[0]
+
+
+def read_image(value: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray | None, str | None]:
+    """(uint8 RGB array (H, W, 3), None), or (None, why the image was skipped).
 
     Accepts a `datasets.Image(decode=False)` dict (`bytes` and/or `path`), raw bytes, a path or a
-    PIL image. Grayscale, 16-bit, palette, CMYK and RGBA images are converted to RGB
-    (transparency composited on white).
+    PIL image. An image of more than `max_pixels` pixels (None: no budget) is refused from its
+    header, before its pixels are decoded. Grayscale, 16-bit, palette, CMYK and RGBA images are
+    converted to RGB (transparency composited on white).
     """
     try:
         if isinstance(value, Image.Image):
@@ -99,12 +110,32 @@ def decode_image(value: Any) -> np.ndarray | None:
                 data, path = value, None
             else:
                 data, path = None, value
-            image = Image.open(io.BytesIO(data)) if data else Image.open(path)
-            image.load()
-        return np.asarray(_to_rgb(image), dtype=np.uint8)
+            with _pillow_allows(max_pixels):
+                image = Image.open(io.BytesIO(data)) if data else Image.open(path)  # reads the header only
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            return None, f"{width}x{height} pixels, above max_image_pixels={max_pixels}"
+        image.load()
+        return np.asarray(_to_rgb(image), dtype=np.uint8), None
     except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         logger.debug("undecodable image: %s", error)
-        return None
+        return None, f"undecodable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+
+
+@contextlib.contextmanager
+def _pillow_allows(max_pixels: int | None):
+    """Pillow refuses to open images above 2 x `PIL.Image.MAX_IMAGE_PIXELS` (179 MP by default). A
+    larger `max_pixels` budget, asked for explicitly, lifts that guard while one image is opened;
+    the budget itself is then checked from the header."""
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    if max_pixels is None or pillow_limit is None or max_pixels <= 2 * pillow_limit:
+        yield
+        return
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -132,13 +163,14 @@ def sample_seed(seed: int, epoch: int, *position: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, *position]).generate_state(1)[0])
 
 
-def multicrop_sample(image_cell: Any, augmentation: Callable, seed: int, index: int) -> dict:
-    """Decode one image cell and crop it: {"crops": list of V tensors, or None if undecodable, "index"}
-    (the index of an undecodable image also names its file when the cell holds a path)."""
-    image = decode_image(image_cell)
+def multicrop_sample(image_cell: Any, augmentation: Callable, seed: int, index: int,
+                     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> dict:
+    """Decode one image cell and crop it: {"crops": list of V tensors, or None if skipped, "index"};
+    the index of a skipped image also names its file (when the cell holds a path) and the reason."""
+    image, reason = read_image(image_cell, max_pixels)
     if image is None:
         path = image_cell.get("path") if isinstance(image_cell, dict) else None
-        return {"crops": None, "index": index if not path else f"{index} ({path})"}
+        return {"crops": None, "index": f"{index} ({path + ': ' if path else ''}{reason})"}
     return {"crops": augmentation(image, seed=seed), "index": index}
 
 
@@ -167,11 +199,12 @@ class MultiCropDataset(SharedEpoch, torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset: datasets.Dataset, augmentation: Callable, image_column: str = "image",
-                 seed: int = 0):
+                 seed: int = 0, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.dataset = prepare_image_column(dataset, image_column)
         self.augmentation = augmentation
         self.image_column = image_column
         self.seed = seed
+        self.max_pixels = max_pixels
         SharedEpoch.__init__(self)
 
     def __len__(self) -> int:
@@ -179,7 +212,7 @@ class MultiCropDataset(SharedEpoch, torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return multicrop_sample(self.dataset[index][self.image_column], self.augmentation,
-                                sample_seed(self.seed, self.epoch, index), index)
+                                sample_seed(self.seed, self.epoch, index), index, self.max_pixels)
 
 
 def collate_multicrop(samples: list[dict]) -> dict:
@@ -226,39 +259,105 @@ def collate_labelled(samples: list[dict | None]) -> dict:
 
 
 class StreamingMultiCropDataset(SharedEpoch, torch.utils.data.IterableDataset):
-    """Iterable counterpart of `MultiCropDataset` over a streamed 🤗 `IterableDataset`.
+    """Iterable counterpart of `MultiCropDataset` over a streamed 🤗 `IterableDataset`, resumable
+    exactly and cheaply.
 
-    The stream is split across processes with `split_dataset_by_node` (each process reads its
-    own shards or every world_size-th example), shuffled with a buffer, and re-shuffled per
-    epoch through `set_epoch`. DataLoader workers split the shards further (🤗 datasets does
-    this itself). Crops depend on (seed, epoch, rank, worker, position in the worker's stream).
+    Each process reads its part of the stream (`split_dataset_by_node`: its own shards, or every
+    world_size-th example); DataLoader workers split it further (🤗 datasets does this itself).
+    🤗 datasets shuffles the shard order per epoch (`set_epoch`); the examples are shuffled in
+    blocks of `shuffle_buffer_size`, each by a permutation drawn from (seed, epoch, rank, worker,
+    block). Crops depend on (seed, epoch, rank, worker, position in the worker's stream).
+
+    `state_dict()` is the position of the worker it is called in: the stream's state where its
+    current block began (🤗 datasets' `state_dict`, at most `shuffle_buffer_size` rows back), the
+    block's number and how many of its examples were yielded. torchdata's `StatefulDataLoader`
+    collects it from every worker with each batch; after `load_state_dict` a worker re-reads the
+    raw rows of one block (no image is decoded), draws the same permutation and continues with the
+    next example. A buffer shuffle could not resume exactly without saving its buffer, the
+    images themselves.
     """
 
     def __init__(self, dataset: datasets.IterableDataset, augmentation: Callable, image_column: str = "image",
-                 seed: int = 0, shuffle_buffer_size: int = 10_000, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, shuffle_buffer_size: int = 10_000, rank: int = 0, world_size: int = 1,
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         from datasets.distributed import split_dataset_by_node
 
         dataset = prepare_image_column(dataset, image_column)
         if world_size > 1:
             dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-        self.dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+        # the shard order is shuffled per epoch; a buffer of 1 holds nothing between examples, so the
+        # stream's state_dict is exact (the blocks below shuffle the examples)
+        self.dataset = dataset.shuffle(seed=seed, buffer_size=1)
         self.augmentation = augmentation
         self.image_column = image_column
         self.seed = seed
+        self.block_size = shuffle_buffer_size
         self.rank = rank
+        self.max_pixels = max_pixels
+        self._position: dict | None = None  # of the iteration running in this process (worker)
+        self._resume_from: dict | None = None
         SharedEpoch.__init__(self)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self.dataset.set_epoch(epoch)  # 🤗 datasets shares its own epoch with persistent workers
 
+    def state_dict(self) -> dict:
+        """{"epoch", "stream" (the state where the current block began; None: the epoch's start),
+        "block", "offset" (examples of the block already yielded)} of this worker's iteration."""
+        return self._position or {"epoch": self.epoch, "stream": None, "block": 0, "offset": 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the next iteration of `state["epoch"]` from `state` (another epoch starts afresh)."""
+        self._resume_from = state
+
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
         worker_id = worker.id if worker is not None else 0
         epoch = self.epoch
-        for position, row in enumerate(self.dataset):
-            seed = sample_seed(self.seed, epoch, self.rank, worker_id, position)
-            yield multicrop_sample(row[self.image_column], self.augmentation, seed, position)
+        resume, self._resume_from = self._resume_from, None
+        if resume is None or resume["epoch"] != epoch:
+            resume = {"epoch": epoch, "stream": None, "block": 0, "offset": 0}
+        if resume["stream"] is not None:
+            self.dataset.load_state_dict(resume["stream"])
+        block, skip, block_start = resume["block"], resume["offset"], resume["stream"]
+        rows = iter(self.dataset)
+        while True:
+            examples = list(itertools.islice(rows, self.block_size))  # raw rows: nothing decoded yet
+            if not examples:
+                return
+            order = np.random.default_rng([self.seed, epoch, self.rank, worker_id, block]).permutation(len(examples))
+            for offset in range(skip, len(examples)):
+                self._position = {"epoch": epoch, "stream": block_start, "block": block, "offset": offset + 1}
+                position = block * self.block_size + offset
+                seed = sample_seed(self.seed, epoch, self.rank, worker_id, position)
+                yield multicrop_sample(examples[order[offset]][self.image_column], self.augmentation, seed, position,
+                                       self.max_pixels)
+            block, skip, block_start = block + 1, 0, self.dataset.state_dict()
+
+
+class StreamingLabelledImageDataset(torch.utils.data.IterableDataset):
+    """Iterable counterpart of `LabelledImageDataset` over a streamed split, split across processes
+    (`split_dataset_by_node`): example -> {"pixel_values": (3, S, S), "label": int} or None."""
+
+    def __init__(self, dataset: datasets.IterableDataset, transform: Callable, image_column: str = "image",
+                 label_column: str = "label", rank: int = 0, world_size: int = 1):
+        from datasets.distributed import split_dataset_by_node
+
+        if dataset.features is not None and label_column not in dataset.features:
+            raise KeyError(f"--label_column {label_column!r} not in the dataset's columns "
+                           f"({', '.join(dataset.features)}); pass the right --label_column.")
+        dataset = prepare_image_column(dataset, image_column)
+        self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size) if world_size > 1 else dataset
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __iter__(self):
+        for row in self.dataset:
+            image = decode_image(row[self.image_column])
+            yield None if image is None else {"pixel_values": self.transform(image=image)["image"],
+                                              "label": int(row[self.label_column])}
 
 
 def streamed_split_length(dataset) -> int | None:
@@ -312,15 +411,19 @@ def build_training_data(recipe: DinoRecipe, accelerator) -> TrainingData:
                              "pass --max_train_samples N (one epoch = N images).")
         train_dataset = StreamingMultiCropDataset(
             train_split, augmentation, recipe.image_column, seed=recipe.seed,
-            shuffle_buffer_size=recipe.shuffle_buffer_size,
-            rank=accelerator.process_index, world_size=accelerator.num_processes)
-        # Not prepared by Accelerate: the stream is already split across processes.
-        dataloader = torch.utils.data.DataLoader(train_dataset, **loader_kwargs)
+            shuffle_buffer_size=recipe.shuffle_buffer_size, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, max_pixels=recipe.max_image_pixels)
+        # Not prepared by Accelerate: the stream is already split across processes. Stateful: a
+        # checkpoint records each worker's stream position (`StreamingMultiCropDataset.state_dict`).
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        dataloader = StatefulDataLoader(train_dataset, **loader_kwargs)
         batches_per_epoch = num_examples // accelerator.num_processes // recipe.batch_size_per_device
     else:
         if recipe.max_train_samples is not None:
             train_split = train_split.select(range(min(recipe.max_train_samples, len(train_split))))
-        train_dataset = MultiCropDataset(train_split, augmentation, recipe.image_column, seed=recipe.seed)
+        train_dataset = MultiCropDataset(train_split, augmentation, recipe.image_column, seed=recipe.seed,
+                                         max_pixels=recipe.max_image_pixels)
         dataloader = torch.utils.data.DataLoader(train_dataset, shuffle=True,
                                                  generator=torch.Generator().manual_seed(recipe.seed),
                                                  **loader_kwargs)

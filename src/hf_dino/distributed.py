@@ -59,6 +59,15 @@ def cpu_process_group_arguments() -> dict:
     return {"cpu": True}
 
 
+def warn_if_launched_as_one_process() -> None:
+    """`accelerate launch --num_processes N` without `--multi_gpu` on a machine without GPUs starts ONE
+    process (Accelerate's simple launcher, meant for mpirun); say how to get N."""
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ
+    if launched_by_accelerate and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        logger.warning("accelerate launch started a single process: without GPUs, add --multi_gpu "
+                       "(`accelerate launch --multi_gpu --num_processes N ...`) to run N processes (gloo)")
+
+
 def warn_fsdp_on_cpu(accelerator) -> None:
     """Accelerate prepares FSDP on GPUs only: an FSDP launch on CPUs trains as plain data parallelism
     (DDP). Say so in the log rather than let the run pass for an FSDP one."""

@@ -16,8 +16,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from .distributed import all_reduce_
 
 
 @dataclass
@@ -40,14 +41,6 @@ class DinoLossOutput:
 TEACHER_CENTERINGS = ("center", "sinkhorn_knopp")
 
 
-def _all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce ("sum" or "max") over the default process group when there is one;
-    returns `tensor`."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return tensor
-
-
 @torch.no_grad()
 def sinkhorn_knopp(scores: torch.Tensor, num_iterations: int = 3) -> torch.Tensor:
     """Teacher targets by Sinkhorn-Knopp (SwAV; DINOv2's alternative to the EMA centre).
@@ -59,12 +52,12 @@ def sinkhorn_knopp(scores: torch.Tensor, num_iterations: int = 3) -> torch.Tenso
     scores: (N, K) teacher logits / temperature. Returns (N, K).
     """
     log_q = scores.float()
-    num_samples = _all_reduce(torch.tensor(float(log_q.shape[0]), device=log_q.device))
+    num_samples = all_reduce_(torch.tensor(float(log_q.shape[0]), device=log_q.device))
     num_prototypes = log_q.shape[1]
     for _ in range(num_iterations):
         # each prototype's column sums to 1 / K over every process's samples
-        column_max = _all_reduce(log_q.max(0, keepdim=True).values, "max")
-        column_mass = _all_reduce(torch.exp(log_q - column_max).sum(0, keepdim=True))
+        column_max = all_reduce_(log_q.max(0, keepdim=True).values, "max")
+        column_mass = all_reduce_(torch.exp(log_q - column_max).sum(0, keepdim=True))
         log_q = log_q - column_max - column_mass.log() - math.log(num_prototypes)
         # each sample's row sums to 1 / N
         log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - num_samples.log()
@@ -148,7 +141,7 @@ class DinoLoss(nn.Module):
     @torch.no_grad()
     def update_center(self) -> None:
         """c <- m c + (1 - m) mean(teacher outputs), the mean taken over all processes."""
-        stats = _all_reduce(torch.cat([self.pending_center_sum.flatten(), self.pending_center_count.view(1)]))
+        stats = all_reduce_(torch.cat([self.pending_center_sum.flatten(), self.pending_center_count.view(1)]))
         batch_center = (stats[:-1] / stats[-1]).view_as(self.center)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
         self.pending_center_sum.zero_()
@@ -164,7 +157,9 @@ class KoLeoLoss(nn.Module):
         L = -mean_i log(||x_i - x_nn(i)|| + eps),  x = features / ||features||, nn(i) = argmin_{j != i} ||x_i - x_j||.
 
     Gradients flow through x_i and through its nearest neighbour x_nn(i); the choice of neighbour
-    itself is not differentiated.
+    itself is not differentiated. A single point has no neighbour: L = 0 (with a zero gradient).
+    The trainer passes the global batch (every process's rows, `distributed.gather_rows_with_gradients`),
+    so that the neighbours and the value do not depend on the number of processes.
     """
 
     def __init__(self, eps: float = 1e-8):
@@ -172,9 +167,11 @@ class KoLeoLoss(nn.Module):
         self.eps = eps
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features: (N, D) with N >= 2 (one view of a batch). Returns a 0-d tensor."""
-        if features.dim() != 2 or features.shape[0] < 2:
-            raise ValueError(f"KoLeo needs (N, D) features with N >= 2, got shape {tuple(features.shape)}")
+        """features: (N, D), one view of a batch. Returns a 0-d tensor (0 when N < 2)."""
+        if features.dim() != 2:
+            raise ValueError(f"KoLeo needs (N, D) features, got shape {tuple(features.shape)}")
+        if features.shape[0] < 2:
+            return features.float().sum() * 0.0
         normalised = nn.functional.normalize(features.float(), dim=-1, eps=self.eps)
         with torch.no_grad():
             similarity = normalised @ normalised.T

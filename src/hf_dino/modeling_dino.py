@@ -264,10 +264,12 @@ class DinoModel(DinoPreTrainedModel):
         return self.backbone.get_input_embeddings() if self.is_vit else None
 
     def backbone_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, 3, H, W) -> (B, D) features."""
+        """pixel_values (B, 3, H, W) -> (B, D) features. The pixels take the backbone's dtype (a bf16
+        model, e.g. under DeepSpeed bf16, gets bf16 inputs), as transformers' ViT does itself."""
         if self.is_vit:
             output = self.backbone(pixel_values=pixel_values, interpolate_pos_encoding=True)
             return output.last_hidden_state[:, 0]
+        pixel_values = pixel_values.to(self.backbone.dtype)
         return self.backbone(pixel_values=pixel_values).pooler_output.flatten(1)
 
     def forward(self, pixel_values: torch.Tensor | Sequence[torch.Tensor], **kwargs) -> DinoModelOutput:

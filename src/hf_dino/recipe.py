@@ -87,8 +87,8 @@ class DinoRecipe:
         "teacher targets: center (the paper: softmax of the logits minus an EMA centre) or sinkhorn_knopp "
         "(DINOv2's option: 3 Sinkhorn-Knopp iterations over the global batch)", choices=list(TEACHER_CENTERINGS)))
     koleo_loss_weight: float = field(default=0.0, metadata=_help(
-        "weight of the KoLeo regulariser on the student's backbone features of each global crop (DINOv2: 0.1); "
-        "0: the paper's loss"))
+        "weight of the KoLeo regulariser on the student's backbone features of each global crop, over the global "
+        "batch (every process's images; DINOv2: 0.1); 0: the paper's loss"))
     # --- optimisation ---
     optimizer: str = field(default="adamw", metadata=_help("optimizer", choices=list(OPTIMIZERS)))
     lr: float = field(default=0.0005, metadata=_help(
@@ -140,7 +140,12 @@ class DinoRecipe:
     max_train_samples: int | None = field(default=None, metadata=_help(
         "first N training images only (with --streaming: the stream's length, needed for the schedules)"))
     shuffle_buffer_size: int = field(default=10_000, metadata=_help(
-        "with --streaming: examples in the shuffle buffer of each process's stream (1: stream order)"))
+        "with --streaming: each DataLoader worker shuffles its stream in blocks of this many examples (1: stream "
+        "order), after 🤗 datasets shuffles the shard order"))
+    max_image_pixels: int = field(default=100_000_000, metadata=_help(
+        "images with more pixels (width x height) are skipped from their header, before decoding, and counted "
+        "with the undecodable ones: a decompression bomb (a 30000 x 30000 PNG of 100 kB) never reaches a worker's "
+        "memory. Raise it for gigapixel data"))
     num_workers: int = field(default=4, metadata=_help("DataLoader worker processes per device"))
     num_threads: int | None = field(default=None, metadata=_help(
         "CPU only: torch threads per process; unset: cores / local processes"))
@@ -286,9 +291,6 @@ class DinoRecipe:
         if self.teacher_centering not in TEACHER_CENTERINGS:
             problems.append(f"teacher_centering {self.teacher_centering!r} is unknown; use one of "
                             f"{', '.join(TEACHER_CENTERINGS)}")
-        if self.koleo_loss_weight > 0 and self.batch_size_per_device < 2:
-            problems.append("koleo_loss_weight > 0 needs batch_size_per_device >= 2 (each feature's nearest "
-                            "neighbour is another image of the device's batch)")
         for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "drop_path_rate",
                      "koleo_loss_weight"):
             if getattr(self, name) < 0:
@@ -300,7 +302,7 @@ class DinoRecipe:
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must lie in [0, 1]")
         for name in ("batch_size_per_device", "epochs", "out_dim", "gradient_accumulation_steps", "logging_steps",
-                     "shuffle_buffer_size"):
+                     "shuffle_buffer_size", "max_image_pixels"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         if self.local_crops_number < 0:

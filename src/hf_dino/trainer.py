@@ -231,6 +231,7 @@ class DinoTrainer:
         recipe, accelerator = self.recipe, self.accelerator
         set_seed(recipe.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        distributed.warn_if_launched_as_one_process()
         distributed.warn_fsdp_on_cpu(accelerator)
         data = build_training_data(recipe, accelerator)
 
@@ -262,6 +263,9 @@ class DinoTrainer:
             self._agreement_group = distributed.agreement_process_group()
 
         global_batch = recipe.batch_size_per_device * accelerator.num_processes * recipe.gradient_accumulation_steps
+        if recipe.koleo_loss_weight > 0 and recipe.batch_size_per_device * accelerator.num_processes < 2:
+            raise ValueError("koleo_loss_weight > 0 needs at least 2 images per step over all processes (each "
+                             "feature's nearest neighbour is another image); raise --batch_size_per_device")
         steps_per_epoch = data.batches_per_epoch // recipe.gradient_accumulation_steps
         total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
         run = TrainingRun(
@@ -295,9 +299,9 @@ class DinoTrainer:
             run.dataloader.set_epoch(epoch)
         run.batches_done = run.batches_to_skip if epoch == run.start_epoch else 0
         batches = run.dataloader
-        if run.batches_done:  # resuming mid-epoch: the same order, without the batches already seen
-            batches = (itertools.islice(run.dataloader, run.batches_done, None) if self.recipe.streaming
-                       else self.accelerator.skip_first_batches(run.dataloader, run.batches_done))
+        if run.batches_done and not self.recipe.streaming:  # resuming mid-epoch: the same order, without the
+            # batches already seen (a stream's DataLoader continues from its saved position by itself)
+            batches = self.accelerator.skip_first_batches(run.dataloader, run.batches_done)
         batches = itertools.islice(batches, run.batches_per_epoch - run.batches_done)
         return distributed.agreed_batches(batches, self.accelerator.num_processes, self._agreement_group)
 
@@ -338,9 +342,11 @@ class DinoTrainer:
             student_output = run.student_forward(crops)
             output = run.dino_loss(student_output.logits, teacher_logits, schedule.teacher_temp)
             total_loss = output.loss
-            if recipe.koleo_loss_weight > 0:  # on each global crop's features separately, as DINOv2
+            if recipe.koleo_loss_weight > 0:  # on each global crop's features separately, as DINOv2, but over
+                # the global batch (every process's rows), so that the run does not depend on the process count
                 global_features = student_output.features[:teacher_logits.shape[0]].chunk(len(crops[:2]))
-                output.koleo_loss = torch.stack([run.koleo_loss(features) for features in global_features]).mean()
+                output.koleo_loss = torch.stack([run.koleo_loss(distributed.gather_rows_with_gradients(features))
+                                                 for features in global_features]).mean()
                 total_loss = total_loss + recipe.koleo_loss_weight * output.koleo_loss
             accelerator.backward(total_loss)
             run.dino_loss.accumulate_center(teacher_logits)
@@ -448,7 +454,7 @@ class DinoTrainer:
     def _count_skipped(self, batch: dict) -> None:
         if batch["num_skipped"]:
             if self.num_skipped_images + self._skipped_images_here < 5:
-                logger.warning("Skipped undecodable image(s) at dataset index %s", ", ".join(map(str, batch["skipped_indices"])))
+                logger.warning("Skipped image(s) at dataset index %s", ", ".join(map(str, batch["skipped_indices"])))
             self._skipped_images_here += batch["num_skipped"]
 
     def _log(self, metrics: dict) -> None:
@@ -463,8 +469,11 @@ class DinoTrainer:
                  "num_skipped_images": self._total_skipped_images(), "num_skipped_batches": self.num_skipped_batches,
                  "images_per_process": self.images_per_process}
         teacher = distributed.exportable_teacher(self.accelerator, run.teacher)
+        # a streamed run also saves where each of this process's DataLoader workers is in its stream
+        stream = {"num_workers": self.recipe.num_workers, "dataloader": run.dataloader.state_dict()} \
+            if self.recipe.streaming else None
         return checkpointing.save_checkpoint(self.accelerator, self.output_dir, run.global_step, teacher,
-                                             run.dino_loss, state, self.recipe, self.pusher)
+                                             run.dino_loss, state, self.recipe, self.pusher, process_state=stream)
 
     def _load_checkpoint(self, run: TrainingRun) -> None:
         """Restore `recipe.resume_from_checkpoint` into `run`: models, optimizer, centre, counters and
@@ -485,6 +494,12 @@ class DinoTrainer:
                                         * self.recipe.gradient_accumulation_steps)
         if run.batches_to_skip >= run.batches_per_epoch:  # the checkpoint closed its epoch
             run.start_epoch, run.batches_to_skip = run.start_epoch + 1, 0
+        stream = checkpointing.load_process_state(path, self.accelerator.process_index, self.accelerator.num_processes)
+        if self.recipe.streaming and run.batches_to_skip:  # continue each worker's stream where it stopped
+            if stream is None or stream["num_workers"] != self.recipe.num_workers:
+                raise ValueError(f"{path} holds no stream position for --num_workers {self.recipe.num_workers}; "
+                                 "resume a streamed run with the --num_workers it was checkpointed with")
+            run.dataloader.load_state_dict(stream["dataloader"])
         logger.info("Resuming at step %d (epoch %d, %d batches of it done)", run.global_step, run.start_epoch,
                     run.batches_to_skip)
 

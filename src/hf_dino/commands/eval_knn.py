@@ -5,12 +5,17 @@
 The training split is the memory bank, the held-out split the queries; features are the CLS
 token after the final norm (other readouts with --feature), L2-normalised; each of the k nearest neighbours votes with
 exp(cosine / temperature). Prints and writes {"top1", "top5", "k", "temperature", "num_train",
-"num_val", ...}.
+"num_val", "num_processes", "images_per_process", ...}.
+
+    accelerate launch --multi_gpu --num_processes 2 scripts/eval_knn.py --model ... shards the feature
+    extraction over the processes (each embeds its share; the result is the one-process result).
+    (On GPUs `--multi_gpu` is implied when several are visible; without GPUs it is needed.)
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 from ..cli import (DataArguments, default_device, emit_json, load_evaluation_splits, load_model_or_exit,
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.model and not args.raw_pixels:
         usage_error("--model is required (a backbone folder or Hub id), or --raw_pixels for the pixel baseline")
     logging.basicConfig(level=logging.INFO)
-    device = default_device()
+    accelerator = process_group_accelerator()
+    device = accelerator.device if accelerator is not None else default_device()
     if args.raw_pixels:
         model, native_size = RawPixels(), 32
     else:
@@ -90,8 +96,24 @@ def main(argv: list[str] | None = None) -> None:
         model, train_split, val_split, crop_size=image.image_size or native_size, ks=args.k,
         temperature=args.temperature, image_column=data.image_column, label_column=data.label_column,
         batch_size=args.batch_size, num_workers=args.num_workers, device=device, resize_ratio=image.resize_ratio,
-        feature=args.feature, n_last_blocks=args.n_last_blocks)
-    emit_json(result, args.output_json)
+        feature=args.feature, n_last_blocks=args.n_last_blocks, accelerator=accelerator)
+    if accelerator is None or accelerator.is_main_process:
+        emit_json(result, args.output_json)
+    if accelerator is not None:
+        accelerator.end_training()
+
+
+def process_group_accelerator():
+    """Under `accelerate launch --num_processes N` (N > 1): an `Accelerator` over the N processes, so
+    that each embeds a shard of the images (gloo on CPUs); None for one process."""
+    from ..distributed import cpu_process_group_arguments, warn_if_launched_as_one_process
+
+    warn_if_launched_as_one_process()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(**cpu_process_group_arguments())
 
 
 if __name__ == "__main__":

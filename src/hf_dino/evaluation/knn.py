@@ -63,12 +63,13 @@ def collate_labelled_fixed_size(samples: list[dict | None], image_shape: tuple[i
 def extract_features_sharded(model: nn.Module, dataset: torch.utils.data.Dataset, accelerator, image_shape,
                              batch_size: int = 256, num_workers: int = 0, device: torch.device | str = "cpu",
                              feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = backbone_cls_features,
-                             ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                             ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """`extract_features` split across the processes of `accelerator` (an `accelerate.Accelerator`):
     each process runs the model over its share of the batches, and `gather_for_metrics` puts
     every batch together on every process (dropping the samples repeated to even out the last
     batches). Collective: every process must call it. Returns (features (N, D) L2-normalised
-    float32 on the CPU, labels (N,), number of undecodable images), the same on every process."""
+    float32 on the CPU, labels (N,), number of undecodable images, images this process embedded,
+    repeats included), the same on every process but the last."""
     from accelerate.data_loader import prepare_data_loader
     from functools import partial
 
@@ -79,9 +80,10 @@ def extract_features_sharded(model: nn.Module, dataset: torch.utils.data.Dataset
                                  process_index=accelerator.process_index, put_on_device=False, even_batches=True)
     was_training = model.training
     model.eval()
-    features, labels = [], []
+    features, labels, embedded_here = [], [], 0
     for batch in loader:
         output = nn.functional.normalize(feature_fn(model, batch["pixel_values"].to(device)).float(), dim=-1)
+        embedded_here += int((batch["labels"] >= 0).sum())
         batch_features, batch_labels = accelerator.gather_for_metrics((output, batch["labels"].to(output.device)))
         features.append(batch_features.cpu())
         labels.append(batch_labels.cpu())
@@ -90,7 +92,39 @@ def extract_features_sharded(model: nn.Module, dataset: torch.utils.data.Dataset
     decodable = labels >= 0
     if not decodable.any():
         raise ValueError("No decodable image in the evaluation data.")
-    return features[decodable], labels[decodable], int((~decodable).sum())
+    return features[decodable], labels[decodable], int((~decodable).sum()), embedded_here
+
+
+@torch.no_grad()
+def extract_streamed_features(model: nn.Module, split, transform: Callable, image_column: str, label_column: str,
+                              batch_size: int = 256, num_workers: int = 0, device: torch.device | str = "cpu",
+                              feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = backbone_cls_features,
+                              rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Features of a streamed split (a 🤗 `IterableDataset`, read once), split across `world_size`
+    processes by `StreamingLabelledImageDataset`; every process gets all of them, in rank order.
+    Collective with several processes. Returns (features (N, D) L2-normalised float32 on the CPU,
+    labels (N,), undecodable images over all processes, images this process embedded)."""
+    from ..data import StreamingLabelledImageDataset, collate_labelled
+    from ..distributed import all_reduce_, gather_rows
+
+    dataset = StreamingLabelledImageDataset(split, transform, image_column, label_column, rank, world_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=collate_labelled)
+    try:
+        features, labels, skipped = extract_features(model, loader, device, "streamed k-NN features",
+                                                     feature_fn=feature_fn)
+    except ValueError:  # this process's share held no decodable image; another's may
+        features, labels, skipped = torch.empty(0, 0), torch.empty(0, dtype=torch.long), 0
+    embedded_here = len(labels)
+    if world_size > 1:
+        width = torch.tensor([features.shape[1]], dtype=torch.long)
+        all_reduce_(width, "max")
+        features = features if len(features) else torch.empty(0, int(width))
+        features, labels = gather_rows(features), gather_rows(labels)
+        skipped = int(all_reduce_(torch.tensor([skipped], dtype=torch.long)))
+    if len(labels) == 0:
+        raise ValueError("No decodable image in the evaluation data.")
+    return features, labels, skipped, embedded_here
 
 
 def knn_evaluate_splits(model: nn.Module, train_split, val_split, *, crop_size: int, ks: Sequence[int] = (20,),
@@ -99,11 +133,13 @@ def knn_evaluate_splits(model: nn.Module, train_split, val_split, *, crop_size: 
                         max_train_samples: int | None = None, chunk_size: int = 1024,
                         resize_ratio: float = 256 / 224, accelerator=None, feature: str = "cls",
                         n_last_blocks: int | None = None) -> dict:
-    """k-NN of a frozen model: `train_split` (a 🤗 `Dataset`) is the memory bank, `val_split` the
-    queries, both resized to crop_size * resize_ratio and centre-cropped to crop_size (the
-    reference's 256/224 by default; 1.0 keeps whole low-resolution images such as CIFAR's).
-    Returns the `eval_knn` contract: {"top1", "top5", "k", "temperature", "num_train",
-    "num_val", "num_skipped"} for the first k, plus {"per_k": {k: {"top1", "top5"}}}.
+    """k-NN of a frozen model: `train_split` is the memory bank, `val_split` the queries, both
+    resized to crop_size * resize_ratio and centre-cropped to crop_size (the reference's 256/224 by
+    default; 1.0 keeps whole low-resolution images such as CIFAR's). Each split is a 🤗 `Dataset`
+    or a streamed `IterableDataset` (read once, never materialised). Returns the `eval_knn`
+    contract: {"top1", "top5", "k", "temperature", "num_train", "num_val", "num_skipped"} for the
+    first k, plus {"per_k": {k: {"top1", "top5"}}, "num_processes", "images_per_process"} (images
+    each process embedded, both splits together).
 
     With an `accelerate.Accelerator` of several processes (`accelerator`), every process extracts
     a shard of the features and all of them get the gathered features and the same result (no
@@ -111,33 +147,46 @@ def knn_evaluate_splits(model: nn.Module, train_split, val_split, *, crop_size: 
     runs on every process. Collective then: every process must call it.
 
     `feature` (with `n_last_blocks`): the readout (`features.knn_feature_fn`), "cls" as the paper."""
+    import datasets
+
     from ..data import LabelledImageDataset, collate_labelled
+    from ..distributed import gather_counts
     from ..transforms import evaluation_transform
 
     if max_train_samples is not None:
-        train_split = train_split.select(range(min(max_train_samples, len(train_split))))
+        train_split = (train_split.take(max_train_samples) if isinstance(train_split, datasets.IterableDataset)
+                       else train_split.select(range(min(max_train_samples, len(train_split)))))
     transform = evaluation_transform(crop_size, resize_ratio)
     feature_fn = knn_feature_fn(feature, n_last_blocks, model)
-    extracted = {}
-    sharded = accelerator is not None and accelerator.num_processes > 1
+    num_processes = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    extracted, embedded_here = {}, 0
     for name, split in (("train", train_split), ("val", val_split)):
-        dataset = LabelledImageDataset(split, transform, image_column, label_column)
-        if sharded:
-            extracted[name] = extract_features_sharded(model, dataset, accelerator, (3, crop_size, crop_size),
-                                                       batch_size, num_workers, device, feature_fn)
-            continue
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                             collate_fn=collate_labelled)
-        extracted[name] = extract_features(model, loader, device, f"k-NN {name} features", feature_fn=feature_fn)
+        if isinstance(split, datasets.IterableDataset):
+            *extracted[name], embedded = extract_streamed_features(
+                model, split, transform, image_column, label_column, batch_size, num_workers, device, feature_fn,
+                rank, num_processes)
+        elif num_processes > 1:
+            dataset = LabelledImageDataset(split, transform, image_column, label_column)
+            *extracted[name], embedded = extract_features_sharded(
+                model, dataset, accelerator, (3, crop_size, crop_size), batch_size, num_workers, device, feature_fn)
+        else:
+            dataset = LabelledImageDataset(split, transform, image_column, label_column)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                                 collate_fn=collate_labelled)
+            extracted[name] = extract_features(model, loader, device, f"k-NN {name} features", feature_fn=feature_fn)
+            embedded = len(extracted[name][1])
+        embedded_here += embedded
     label_feature = (train_split.features or {}).get(label_column)
     num_classes = getattr(label_feature, "num_classes", None)
     (train_features, train_labels, train_skipped), (val_features, val_labels, val_skipped) = extracted.values()
-    if sharded:  # the gathered features are on the CPU; score where the model runs
-        train_features, val_features = train_features.to(device), val_features.to(device)
-        train_labels, val_labels = train_labels.to(device), val_labels.to(device)
+    # gathered features are on the CPU; score where the model runs
+    train_features, val_features = train_features.to(device), val_features.to(device)
+    train_labels, val_labels = train_labels.to(device), val_labels.to(device)
     per_k = knn_evaluate(train_features, train_labels, val_features, val_labels, ks=ks, temperature=temperature,
                          num_classes=num_classes, chunk_size=chunk_size)
     first = per_k[ks[0]]
     return {"top1": first["top1"], "top5": first["top5"], "k": ks[0], "temperature": temperature, "feature": feature,
             "num_train": len(train_labels), "num_val": len(val_labels), "num_skipped": train_skipped + val_skipped,
-            "per_k": {int(k): v for k, v in per_k.items()}}
+            "per_k": {int(k): v for k, v in per_k.items()}, "num_processes": num_processes,
+            "images_per_process": gather_counts(embedded_here, num_processes)}
