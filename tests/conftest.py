@@ -3,3 +3,23 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_vit(seed: int = 0, *, hidden_size: int = 32, num_hidden_layers: int = 1, num_attention_heads: int = 2,
+             intermediate_size: int | None = None, image_size: int = 16, patch_size: int = 4,
+             layer_norm_eps: float | None = None, save_to=None):
+    """A small transformers `ViTModel` (no pooler) drawn from `seed`, in eval mode; written to the folder
+    `save_to` with `save_pretrained` when given. `intermediate_size` defaults to 2 x the width and
+    `layer_norm_eps` to transformers' default (the reference's is 1e-6)."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                       num_attention_heads=num_attention_heads, intermediate_size=intermediate_size or 2 * hidden_size,
+                       image_size=image_size, patch_size=patch_size,
+                       **({} if layer_norm_eps is None else {"layer_norm_eps": layer_norm_eps}))
+    model = ViTModel(config, add_pooling_layer=False).eval()
+    if save_to is not None:
+        model.save_pretrained(save_to)
+    return model

@@ -1,4 +1,5 @@
-"""The evaluation scripts' command lines and JSON contracts (DESIGN.md), on the embedded demo data."""
+"""The evaluation scripts' command lines (flags, one-line errors, exit code 2) and the keys of their
+JSON results, on the embedded demo data."""
 
 import json
 import os

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import conftest
 from hf_dino.commands.eval_copy_detection import main
 from hf_dino.evaluation.copy_detection import (block_mean_average_precision, fit_whitening, gem,
                                                holidays_average_precision, read_layout)
@@ -88,13 +89,9 @@ def copydays_root(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_vit(tmp_path_factory):
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                       intermediate_size=96)
     folder = tmp_path_factory.mktemp("vit")
-    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    conftest.tiny_vit(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, image_size=32, patch_size=8,
+                      save_to=folder)
     return folder
 
 

@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+import conftest
 from hf_dino.evaluation.embedding_map import (MissingBackendError, embed_2d, label_colours, map_quality,
                                               plot_embedding_map, subsample_indices)
 
@@ -62,14 +62,10 @@ def test_umap_missing_gives_a_clear_message(monkeypatch):
 
 
 def test_command_on_the_demo_data(tmp_path, capsys):
-    from transformers import ViTConfig, ViTModel
-
+    
     from hf_dino.commands.plot_embeddings import main
 
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=64)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    conftest.tiny_vit(image_size=32, patch_size=8, save_to=tmp_path / "vit")
     output = tmp_path / "map.png"
     main(["--model", str(tmp_path / "vit"), "--output", str(output), "--max_samples", "60", "--resize_ratio", "1",
           "--num_workers", "0", "--output_json", str(tmp_path / "map.json")])

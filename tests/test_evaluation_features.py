@@ -3,17 +3,15 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import ViTConfig, ViTModel
+from transformers import ViTModel
 
+import conftest
 from hf_dino.evaluation import RawPixels
 from hf_dino.evaluation.features import backbone_cls_features, knn_feature_fn
 
 
 def tiny_vit(layers=3):
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
-                       image_size=16, patch_size=4, layer_norm_eps=1e-6)
-    return ViTModel(config, add_pooling_layer=False).eval()
+    return conftest.tiny_vit(num_hidden_layers=layers, layer_norm_eps=1e-6)
 
 
 def truncated(vit: ViTModel, drop_last: int) -> ViTModel:

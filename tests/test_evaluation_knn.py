@@ -1,10 +1,13 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from hf_dino.evaluation import knn_class_scores, knn_evaluate, load_metric, topk_accuracy
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def brute_force_knn(train, train_labels, test, test_labels, k, temperature, num_classes):
@@ -84,9 +87,8 @@ def test_topk_with_fewer_classes_than_k():
     assert result == {"top1": 0.0, "top5": 100.0}
 
 
-SHARDED_KNN_WORKER = r'''
+STREAMED_KNN_WORKER = r'''
 import json, sys
-import torch
 from accelerate import Accelerator
 from transformers import ViTModel
 from hf_dino.data import load_dataset_dict
@@ -94,7 +96,7 @@ from hf_dino.evaluation.knn import knn_evaluate_splits
 
 accelerator = Accelerator(cpu=True)
 model = ViTModel.from_pretrained(sys.argv[1])
-splits = load_dataset_dict(sys.argv[2])
+splits = load_dataset_dict(sys.argv[2], streaming=True)
 result = knn_evaluate_splits(model, splits["train"], splits["test"], crop_size=16, ks=(3, 5), resize_ratio=1.0,
                              batch_size=4, accelerator=accelerator)
 print(f"KNN {accelerator.process_index} {json.dumps(result)}", flush=True)
@@ -127,44 +129,77 @@ def write_labelled_images(folder, sizes: dict[str, int], broken: dict[str, list[
             str(folder / f"{split}.parquet"))
 
 
-@pytest.mark.slow
-def test_knn_sharded_over_two_processes_equals_one_process(tmp_path):
-    """Two gloo processes extract halves of the features (37 and 23 images, batches of 4: the
-    last global batches are evened out with repeated samples, which gather_for_metrics drops);
-    both get exactly the one-process result, undecodable images counted once."""
+def run_two_processes(command: list[str], timeout: float = 300) -> str:
+    """stdout of `command` (two processes), killed with its whole process group on a hang."""
     import os
     import subprocess
-    import sys
 
-    from transformers import ViTConfig, ViTModel
-
-    from hf_dino.data import load_dataset_dict
-    from hf_dino.evaluation.knn import knn_evaluate_splits
-
-    write_labelled_images(tmp_path / "data", {"train": 37, "test": 23}, {"train": [5, 30], "test": [22]})
-    torch.manual_seed(0)
-    model = ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64), add_pooling_layer=False)
-    model.save_pretrained(tmp_path / "model")
-    splits = load_dataset_dict(str(tmp_path / "data"))
-    expected = knn_evaluate_splits(model.eval(), splits["train"], splits["test"], crop_size=16, ks=(3, 5),
-                                   resize_ratio=1.0, batch_size=4)
-    assert expected["num_train"] == 35 and expected["num_val"] == 22 and expected["num_skipped"] == 3
-
-    worker = tmp_path / "worker.py"
-    worker.write_text(SHARDED_KNN_WORKER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
-               str(tmp_path / "model"), str(tmp_path / "data")]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
-        stdout, stderr = process.communicate(timeout=180)
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, 9)
         process.communicate()
         pytest.fail("the two-process k-NN hung")
     assert process.returncode == 0, stderr[-3000:]
+    return stdout
+
+
+@pytest.fixture
+def knn_data_and_model(tmp_path):
+    """37 + 23 images (3 undecodable), a tiny ViT, and the one-process k-NN of both."""
+    import conftest
+    from hf_dino.data import load_dataset_dict
+    from hf_dino.evaluation.knn import knn_evaluate_splits
+
+    write_labelled_images(tmp_path / "data", {"train": 37, "test": 23}, {"train": [5, 30], "test": [22]})
+    model = conftest.tiny_vit(save_to=tmp_path / "model")
+    splits = load_dataset_dict(str(tmp_path / "data"))
+    expected = knn_evaluate_splits(model, splits["train"], splits["test"], crop_size=16, ks=(3, 5),
+                                   resize_ratio=1.0, batch_size=4)
+    assert expected["num_train"] == 35 and expected["num_val"] == 22 and expected["num_skipped"] == 3
+    assert expected["num_processes"] == 1 and expected["images_per_process"] == [35 + 22]
+    return tmp_path / "data", tmp_path / "model", expected
+
+
+@pytest.mark.slow
+def test_eval_knn_on_two_processes_gives_the_one_process_result(tmp_path, knn_data_and_model):
+    """`accelerate launch --multi_gpu --num_processes 2 scripts/eval_knn.py`: each process embeds its half
+    (37 and 23 images in batches of 4, the last global batches evened out with repeated samples,
+    which gather_for_metrics drops); the JSON is the one-process result, written once, with the
+    process count and the images each process embedded."""
+    import sys
+
+    data, model, expected = knn_data_and_model
+    output = tmp_path / "knn.json"
+    run_two_processes([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                       str(ROOT / "scripts" / "eval_knn.py"), "--model", str(model), "--dataset_name", str(data),
+                       "--val_split", "test", "--k", "3", "5", "--image_size", "16", "--resize_ratio", "1.0",
+                       "--batch_size", "4", "--num_workers", "0", "--output_json", str(output)])
+    result = json.loads(output.read_text())
+    assert {k: result[k] for k in ("num_train", "num_val", "num_skipped")} == {"num_train": 35, "num_val": 22,
+                                                                               "num_skipped": 3}
+    assert result["per_k"] == {str(k): v for k, v in expected["per_k"].items()}
+    assert result["num_processes"] == 2
+    # decodable images embedded by each process, the repeats that even out each split's last batch (< 4 per
+    # split) included
+    assert min(result["images_per_process"]) > 0 and 35 + 22 <= sum(result["images_per_process"]) <= 35 + 22 + 2 * 3
+
+
+@pytest.mark.slow
+def test_streamed_knn_on_two_processes_gives_the_one_process_result(tmp_path, knn_data_and_model):
+    """Streamed splits (never materialised), split across 2 processes: both get the one-process
+    result; each process embeds its own images only."""
+    import sys
+
+    data, model, expected = knn_data_and_model
+    worker = tmp_path / "worker.py"
+    worker.write_text(STREAMED_KNN_WORKER)
+    stdout = run_two_processes([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
+                                str(model), str(data)])
     results = {line.split(" ", 2)[1]: json.loads(line.split(" ", 2)[2]) for line in stdout.splitlines()
                if line.startswith("KNN ")}
     assert set(results) == {"0", "1"}
@@ -172,6 +207,7 @@ def test_knn_sharded_over_two_processes_equals_one_process(tmp_path):
         assert {k: result[k] for k in ("num_train", "num_val", "num_skipped")} == {"num_train": 35, "num_val": 22,
                                                                                    "num_skipped": 3}
         assert result["per_k"] == {str(k): v for k, v in expected["per_k"].items()}
+        assert result["num_processes"] == 2 and sum(result["images_per_process"]) == 35 + 22
 
 
 def test_fixed_size_collate_keeps_undecodable_slots_as_label_minus_one():

@@ -2,17 +2,16 @@ import json
 
 import pytest
 import torch
-from transformers import ViTConfig, ViTModel
+from transformers import ViTModel
 
+import conftest
 from hf_dino.configuration_dino import build_backbone_config
-from hf_dino.evaluation.linear import LinearProbeConfig, default_probe_layout, probe_features, train_linear_probe
+from hf_dino.evaluation.features import probe_features
+from hf_dino.evaluation.linear import LinearProbeConfig, default_probe_layout, train_linear_probe
 
 
 def tiny_vit(hidden_size=32, layers=3):
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=2,
-                       intermediate_size=2 * hidden_size, image_size=16, patch_size=4, layer_norm_eps=1e-6)
-    return ViTModel(config, add_pooling_layer=False).eval()
+    return conftest.tiny_vit(hidden_size=hidden_size, num_hidden_layers=layers, layer_norm_eps=1e-6)
 
 
 def test_probe_features_are_normed_cls_tokens_of_the_last_blocks():

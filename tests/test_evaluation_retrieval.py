@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+import conftest
 from hf_dino.commands.eval_image_retrieval import main
 from hf_dino.evaluation.retrieval import ThumbnailTransform, multiscale_cls_feature
 from hf_dino.evaluation.revisitop import compute_map, load_ground_truth
@@ -45,13 +46,9 @@ def test_multiscale_is_the_normalised_mean_over_three_scales():
 
 @pytest.fixture(scope="module")
 def tiny_vit(tmp_path_factory):
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                       intermediate_size=96)
     folder = tmp_path_factory.mktemp("vit")
-    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    conftest.tiny_vit(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, image_size=32, patch_size=8,
+                      save_to=folder)
     return folder
 
 

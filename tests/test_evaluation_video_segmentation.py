@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import ViTConfig, ViTModel
 
+import conftest
 from hf_dino.evaluation.video_segmentation import (DavisInputError, PropagationSettings, davis_palette,
                                                    evaluate_davis, image_set_names, labels_to_ids, load_sequence,
                                                    propagate_labels, read_annotation, reference_interpolation,
@@ -20,10 +20,7 @@ needs_davis = pytest.mark.skipif(not (DAVIS / "JPEGImages").is_dir(), reason="no
 
 
 def tiny_vit(patch_size=16, seed=0):
-    torch.manual_seed(seed)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                       image_size=4 * patch_size, patch_size=patch_size)
-    return ViTModel(config, add_pooling_layer=False).eval()
+    return conftest.tiny_vit(seed, image_size=4 * patch_size, patch_size=patch_size)
 
 
 def dense_reference_propagation(target, context, labels, grid, topk, temperature, neighborhood):

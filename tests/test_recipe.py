@@ -169,3 +169,68 @@ def test_sincos_position_embeddings_need_a_width_divisible_by_4():
     with pytest.raises(ValueError, match="width divisible by 4, got 190"):
         DinoRecipe(position_embedding_init="sincos", hidden_size=190, num_attention_heads=2).validate()
 
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.stem)
+def test_no_shipped_recipe_pins_a_precision(config):
+    """The launcher (`accelerate launch --mixed_precision`, or the accelerate config file) decides the
+    precision of every shipped recipe: a recipe value would override it."""
+    import yaml
+
+    assert "mixed_precision" not in (yaml.safe_load(config.read_text()) or {})
+    assert parse_recipe(["--config", str(config)]).mixed_precision is None
+
+
+def test_the_default_recipe_follows_the_data():
+    """No --config and no --dataset_name: the embedded demo; a --dataset_name without --config: the
+    paper's ViT-S/16 (DinoRecipe's defaults); --config: that file."""
+    from hf_dino.recipe import DEFAULT_CONFIG, default_recipe_file
+
+    assert default_recipe_file([]) == default_recipe_file(["--max_steps", "5"]) == DEFAULT_CONFIG
+    for argv in (["--dataset_name", "imagenet-1k"], ["--dataset_name=imagenet-1k"], ["--config", "vit_base_8"],
+                 ["--config", "demo_cifar10_cpu", "--dataset_name", "x"]):
+        assert default_recipe_file(argv) is None, argv
+    demo = parse_recipe([], default_config=default_recipe_file([]))
+    paper = parse_recipe(["--dataset_name", "imagenet-1k"], default_config=default_recipe_file(["--dataset_name", "x"]))
+    assert (demo.arch, demo.global_crop_size, demo.use_bn_in_head, demo.koleo_loss_weight) == ("vit_tiny", 32, True, 0.1)
+    assert paper == DinoRecipe(dataset_name="imagenet-1k")
+
+
+def test_a_run_with_a_dataset_and_no_config_trains_and_names_the_papers_recipe(tmp_path, caplog):
+    """`pretrain.py --dataset_name DIR` (a few size flags to make it quick): ViT-S/16 at 224 px, K = 65,536,
+    no batch norm, no KoLeo; the first log line says so and names the flags."""
+    import json
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from hf_dino.commands import pretrain
+
+    (tmp_path / "images").mkdir()
+    for index in range(4):
+        Image.fromarray(np.full((40, 40, 3), 50 * index, np.uint8)).save(tmp_path / "images" / f"{index}.png")
+    argv = ["--dataset_name", str(tmp_path / "images"), "--output_dir", str(tmp_path / "run"), "--max_steps", "1",
+            "--batch_size_per_device", "2", "--local_crops_number", "1", "--num_workers", "0"]
+    with caplog.at_level(logging.INFO, logger="hf_dino"):
+        pretrain.main(argv)
+    first = next(record.getMessage() for record in caplog.records if record.name.startswith("hf_dino"))
+    assert first == ("Recipe: DinoRecipe's defaults, the paper's ViT-S/16 (--dataset_name without --config); from "
+                     "flags: dataset_name, output_dir, max_steps, batch_size_per_device, local_crops_number, "
+                     "num_workers; every other value: DinoRecipe's default (the paper's)")
+    trained = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert (trained["arch"], trained["patch_size"], trained["global_crop_size"], trained["out_dim"]) == (
+        "vit_small", 16, 224, 65536)
+    assert (trained["use_bn_in_head"], trained["koleo_loss_weight"], trained["mixed_precision"]) == (False, 0.0, None)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["global_step"] == 1
+
+
+def test_the_first_log_line_names_the_file_and_the_flags_of_each_value():
+    from hf_dino.recipe import recipe_sources
+
+    line = recipe_sources(["--config", "vit_small_16", "--learning_rate", "0.001", "--no_norm_last_layer"])
+    assert line.startswith("Recipe: vit_small_16 (--config); from ") and "vit_small_16.yaml: arch, patch_size" in line
+    assert line.endswith("; from flags: lr, norm_last_layer; every other value: DinoRecipe's default (the paper's)")
+    assert ", norm_last_layer," not in line.split("; from flags")[0]  # a flag wins over the file
+    demo = recipe_sources(["--max_steps", "3"], "demo_cifar10_cpu.yaml")
+    assert demo.startswith("Recipe: demo_cifar10_cpu (the packaged default: no --config and no --dataset_name)")

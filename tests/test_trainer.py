@@ -471,7 +471,7 @@ def test_torch_compile_trains_the_same_model(tmp_path):
 def test_bf16_on_a_cpu_without_bf16_hardware_warns(tmp_path, fresh_accelerator_state, monkeypatch, caplog):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    with caplog.at_level("WARNING", logger="hf_dino.trainer"):
+    with caplog.at_level("WARNING", logger="hf_dino.cpu_runtime"):
         DinoTrainer(tiny_recipe(tmp_path, mixed_precision="bf16"))
     assert "without bf16 matmul hardware" in caplog.text and "--mixed_precision no" in caplog.text
 
@@ -639,7 +639,7 @@ def test_metrics_window_averages_over_steps_and_accumulated_batches():
     window mean 4; entropies all 0.5; 4 batches of 8 images."""
     from accelerate import Accelerator
 
-    from hf_dino.trainer import MetricsWindow
+    from hf_dino.training_metrics import MetricsWindow
 
     window = MetricsWindow(torch.device("cpu"))
     for losses in ((1.0, 3.0), (5.0, 7.0)):
@@ -699,7 +699,7 @@ def test_sinkhorn_knopp_centering_trains(tmp_path):
 
 def test_final_knn_and_saved_backbone_use_the_evaluation_size(tmp_path, monkeypatch):
     """`eval_image_size` 32 on a 16 px run: the final k-NN runs at 32 px and the saved backbone takes 32 px."""
-    import hf_dino.trainer as trainer_module
+    import hf_dino.evaluation.knn as knn_module
 
     crop_sizes = []
 
@@ -707,9 +707,125 @@ def test_final_knn_and_saved_backbone_use_the_evaluation_size(tmp_path, monkeypa
         crop_sizes.append(crop_size)
         return {"top1": 50.0, "top5": 90.0, "k": 20, "temperature": 0.07, "num_train": 1, "num_val": 1}
 
-    monkeypatch.setattr(trainer_module, "knn_evaluate_splits", fake_knn)
+    monkeypatch.setattr(knn_module, "knn_evaluate_splits", fake_knn)
     DinoTrainer(tiny_recipe(tmp_path, knn_eval_at_end=True, epochs=1, eval_image_size=32)).train()
     assert crop_sizes == [32]
     backbone = AutoModel.from_pretrained(tmp_path / "teacher_backbone")
     assert backbone.config.image_size == 32 and backbone.embeddings.position_embeddings.shape[1] == 1 + (32 // 4) ** 2
     assert "on frozen features at 32 px" in (tmp_path / "teacher_backbone" / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------------- the shipped recipe at its edges
+def demo_recipe(output_dir, *flags: str) -> DinoRecipe:
+    """The default (packaged demo) recipe with data-size flags only."""
+    from hf_dino.recipe import parse_recipe
+
+    return parse_recipe(["--config", "demo_cifar10_cpu", "--output_dir", str(output_dir), "--num_workers", "0",
+                         "--logging_steps", "1", *flags])
+
+
+def png_bytes(level: int, size: int = 20) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), level % 256, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_parquet_split(path, cells: list[dict]) -> None:
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=2)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict({"image": cells, "label": [i % 2 for i in range(len(cells))]},
+                               features=features).to_parquet(str(path))
+
+
+@pytest.mark.parametrize("extra", [[], ["--teacher_centering", "sinkhorn_knopp"]], ids=["shipped", "sinkhorn"])
+def test_default_recipe_trains_through_batches_of_0_1_and_2_decodable_images(tmp_path, extra):
+    """The shipped recipe (batch-norm head, KoLeo) on a stream (stream order) whose batches of 4 hold
+    0, 1, 2 and 4 decodable images: the first is skipped, the others train (a single image's KoLeo
+    term is 0) with finite losses."""
+    bad = {"bytes": b"not an image", "path": None}
+    good = [{"bytes": png_bytes(30 * i), "path": None} for i in range(7)]
+    write_parquet_split(tmp_path / "data" / "train.parquet",
+                        [bad] * 4 + good[:1] + [bad] * 3 + good[1:3] + [bad] * 2 + good[3:])
+    recipe = demo_recipe(tmp_path / "run", "--dataset_name", str(tmp_path / "data"), "--streaming", "true",
+                         "--shuffle_buffer_size", "1", "--max_train_samples", "16", "--batch_size_per_device", "4",
+                         "--epochs", "2", "--warmup_epochs", "0", "--knn_eval_at_end", "false", *extra)
+    results = DinoTrainer(recipe).train()
+    assert results["global_step"] == 6 and results["num_skipped_batches"] == 2
+    assert results["num_skipped_images"] == 18 and results["images_per_process"] == [14]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(line["loss"]) and math.isfinite(line["koleo_loss"]) for line in lines)
+    assert lines[0]["koleo_loss"] == 0.0 and lines[1]["koleo_loss"] > 0  # one image: no neighbour
+
+
+@pytest.mark.parametrize("layout", ["image_folder", "streamed_parquet"])
+def test_a_decompression_bomb_is_skipped_from_its_header_and_counted(tmp_path, layout, caplog):
+    """7 images and one 12000 x 12000 PNG (144 MP, a few kB; decoded it would take 432 MB as RGB)
+    under the shipped recipe's 100 MP budget: skipped and counted in each epoch, named in the log."""
+    import logging
+
+    from test_data import png_bomb
+
+    images = [png_bytes(30 * i) for i in range(7)] + [png_bomb(12000, 12000)]
+    if layout == "image_folder":
+        (tmp_path / "data").mkdir()
+        for index, data in enumerate(images):
+            (tmp_path / "data" / f"{index}.png").write_bytes(data)
+        flags = []
+    else:
+        write_parquet_split(tmp_path / "data" / "train.parquet", [{"bytes": d, "path": None} for d in images])
+        flags = ["--streaming", "true", "--max_train_samples", "8"]
+    recipe = demo_recipe(tmp_path / "run", "--dataset_name", str(tmp_path / "data"), "--batch_size_per_device", "4",
+                         "--epochs", "2", "--warmup_epochs", "0", "--knn_eval_at_end", "false", *flags)
+    with caplog.at_level(logging.WARNING):
+        results = DinoTrainer(recipe).train()
+    assert results["num_skipped_images"] == 2 and results["images_per_process"] == [14]
+    assert "12000x12000 pixels, above max_image_pixels=100000000" in caplog.text
+
+
+def test_a_streamed_run_resumes_bitwise_from_its_checkpoint_without_decoding_what_it_trained_on(tmp_path,
+                                                                                                  monkeypatch):
+    """The shipped recipe, streamed train + test parquet files (2 shards), checkpoints every 2 steps:
+    resumed from checkpoint-2 (mid-epoch), the run ends with the uninterrupted run's teacher and
+    centre bit for bit, decodes exactly the images the uninterrupted run decoded after step 2 (those
+    of the later batches, then the k-NN's), and its final k-NN streams the held-out split."""
+    import hf_dino.data as data_module
+    from safetensors.torch import load_file
+
+    for shard in range(2):
+        write_parquet_split(tmp_path / "data" / f"train-{shard:05d}-of-00002.parquet",
+                            [{"bytes": png_bytes(7 * (12 * shard + i)), "path": None} for i in range(12)])
+    write_parquet_split(tmp_path / "data" / "test.parquet", [{"bytes": png_bytes(3 * i + 1), "path": None}
+                                                             for i in range(10)])
+    decoded = []
+    original_read_image = data_module.read_image
+
+    def counting_read_image(value, max_pixels=data_module.DEFAULT_MAX_IMAGE_PIXELS):
+        image, reason = original_read_image(value, max_pixels)
+        decoded.append(int(image[0, 0, 0]))
+        return image, reason
+
+    monkeypatch.setattr(data_module, "read_image", counting_read_image)
+    flags = ["--dataset_name", str(tmp_path / "data"), "--streaming", "true", "--max_train_samples", "24",
+             "--batch_size_per_device", "4", "--shuffle_buffer_size", "5", "--epochs", "2", "--warmup_epochs", "0",
+             "--checkpointing_steps", "2"]
+    uninterrupted = DinoTrainer(demo_recipe(tmp_path / "full", *flags)).train()
+    decoded_uninterrupted, decoded[:] = list(decoded), []
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = DinoTrainer(demo_recipe(tmp_path / "resumed", *flags, "--resume_from_checkpoint",
+                                      str(tmp_path / "resumed" / "checkpoint-2"))).train()
+    assert uninterrupted["global_step"] == resumed["global_step"] == 12
+    for name in ("teacher.safetensors", "dino_loss.safetensors"):
+        expected, again = (load_file(str(tmp_path / run / "checkpoint-12" / name)) for run in ("full", "resumed"))
+        assert all(torch.equal(expected[key], again[key]) for key in expected), name
+    assert decoded == decoded_uninterrupted[2 * 4:]  # workers in the main process: decodes in training order
+    assert uninterrupted["knn"] == resumed["knn"] and uninterrupted["knn"]["num_val"] == 10

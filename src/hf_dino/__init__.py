@@ -24,6 +24,16 @@ CifarResNetModel.register_for_auto_class("AutoModel")
 
 __version__ = "0.1.0"
 __all__ = [
-    "CifarResNetConfig", "CifarResNetModel", "DinoConfig", "DinoHead", "DinoLoss", "DinoLossOutput", "DinoModel", "DinoModelOutput", "DinoRecipe",
-    "MultiCropAugmentation", "build_backbone_config", "evaluation_transform", "parse_recipe",
+    "CifarResNetConfig", "CifarResNetModel", "DinoConfig", "DinoHead", "DinoLoss", "DinoLossOutput", "DinoModel",
+    "DinoModelOutput", "DinoRecipe", "DinoTrainer", "MultiCropAugmentation", "build_backbone_config",
+    "evaluation_transform", "parse_recipe",
 ]
+
+
+def __getattr__(name: str):
+    """`hf_dino.DinoTrainer`, imported on first use (it brings Accelerate and the data pipeline)."""
+    if name == "DinoTrainer":
+        from .trainer import DinoTrainer
+
+        return DinoTrainer
+    raise AttributeError(f"module 'hf_dino' has no attribute {name!r}")

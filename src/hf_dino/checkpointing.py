@@ -123,3 +123,17 @@ def load_process_state(path: Path, process_index: int, num_processes: int) -> di
         raise ValueError(f"{path} was written by {written} processes, this run has {num_processes}: resume a "
                          f"streamed run with the same number of processes (its stream is split by process)")
     return json.loads((path / PROCESS_STATE_FILE.format(rank=process_index)).read_text())
+
+
+def save_final_outputs(output_dir: Path, teacher: nn.Module, results: dict[str, Any], recipe, pusher=None) -> None:
+    """The outputs of a finished run (main process): `dino/` (student-format `DinoModel`: backbone and
+    head), `teacher_backbone/` (transformers model folder with processor and card, pushed to the Hub
+    with `pusher`, whose uploads are awaited) and `results.json` (`results`, plus the push outcome)."""
+    from .hub import save_teacher_backbone
+
+    teacher.save_pretrained(output_dir / "dino")
+    backbone_dir = save_teacher_backbone(teacher, output_dir / "teacher_backbone", recipe, results)
+    if pusher is not None:
+        pusher.push(backbone_dir, f"DINO teacher backbone, step {results['global_step']} (final)")
+        results["push"] = pusher.wait()  # waits for the checkpoints' uploads too
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -1,4 +1,4 @@
-"""One command-line convention for every hf_dino command (DESIGN.md, "Command-line conventions").
+"""One command-line convention for every hf_dino command.
 
 Arguments are dataclasses with a help string per field, parsed by transformers'
 `HfArgumentParser` with a few additions:
@@ -109,7 +109,7 @@ def _read_config(path: str) -> dict[str, Any]:
     return values
 
 
-def _destinations(parser: argparse.ArgumentParser) -> dict[str, str]:
+def flag_destinations(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Every spelling (`lr`, `learning_rate`, `no_x`, ...) -> the field it sets."""
     names = {}
     for action in parser._actions:
@@ -126,7 +126,7 @@ def build_parser(*dataclass_types: type, description: str | None = None, prog: s
     parser.add_argument(CONFIG_FLAG, default=None, metavar="FILE",
                         help="YAML or JSON file of defaults (flag: value); command-line flags override it")
     if config_defaults:
-        names = _destinations(parser)
+        names = flag_destinations(parser)
         unknown = sorted(key for key in config_defaults if key not in names)
         if unknown:
             usage_error(f"unknown key(s) in the config: {', '.join(unknown)}; "
@@ -215,7 +215,8 @@ def model_field(required: bool = True, help: str = "backbone folder (teacher_bac
 
 @dataclass
 class DataArguments:
-    """The data arguments of every command that reads a 🤗 dataset (DESIGN.md, "Data arguments")."""
+    """The data arguments of every command that reads a 🤗 dataset: the same flags, defaults and
+    split fallback (validation, then test, val, valid) in pretraining and every evaluation."""
 
     dataset_name: str | None = field(default=None, metadata={
         "help": "Hub dataset id, local folder (image folder, or parquet/arrow files named by split) or file glob; "

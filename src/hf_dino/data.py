@@ -286,8 +286,10 @@ class StreamingMultiCropDataset(SharedEpoch, torch.utils.data.IterableDataset):
         if world_size > 1:
             dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
         # the shard order is shuffled per epoch; a buffer of 1 holds nothing between examples, so the
-        # stream's state_dict is exact (the blocks below shuffle the examples)
-        self.dataset = dataset.shuffle(seed=seed, buffer_size=1)
+        # stream's state_dict is exact (the blocks below shuffle the examples). One shard at a time:
+        # 🤗 datasets cannot restore the state of its shard interleaving inside a DataLoader worker that
+        # reads several shards (IndexError in `load_state_dict`, docs/SCALING.md)
+        self.dataset = dataset.shuffle(seed=seed, buffer_size=1, max_buffer_input_shards=1)
         self.augmentation = augmentation
         self.image_column = image_column
         self.seed = seed

@@ -428,3 +428,45 @@ def parse_recipe(argv: list[str] | None = None, default_config: str | Path | Non
     except ValueError as error:
         usage_error(str(error).replace("Invalid recipe:\n  - ", "invalid recipe: ").replace("\n  - ", "; "))
     return recipe
+
+
+def default_recipe_file(argv: list[str]) -> str | None:
+    """The recipe file of a pretraining command line without `--config`: the packaged demo when it
+    names no dataset either (`accelerate launch scripts/pretrain.py` trains the embedded demo), else
+    None, i.e. DinoRecipe's defaults, the paper's ViT-S/16: someone's own `--dataset_name` never
+    gets the CIFAR demo's 32 px crops, 3-block ViT and DINOv2 options unasked."""
+    from .cli import config_path_from_argv
+
+    names_a_dataset = any(arg == "--dataset_name" or arg.startswith("--dataset_name=") for arg in argv)
+    return None if config_path_from_argv(argv) is not None or names_a_dataset else DEFAULT_CONFIG
+
+
+def recipe_sources(argv: list[str], default_config: str | Path | None = None) -> str:
+    """One line naming the recipe in force and where each of its values came from: the recipe file
+    (`--config`, else `default_config`) and its fields, the command-line flags and theirs; every
+    other field keeps DinoRecipe's default (the paper's ViT-S/16)."""
+    from .cli import build_parser, config_path_from_argv, flag_destinations
+
+    config = config_path_from_argv(argv)
+    config_file = resolve_config(config) if config is not None else (
+        resolve_config(default_config) if default_config is not None else None)
+    destinations = flag_destinations(build_parser(DinoRecipe))
+    from_file = []
+    if config_file is not None:
+        with open(config_file) as handle:
+            from_file = [destinations.get(key, key) for key in (yaml.safe_load(handle) or {})]
+    from_flags = []
+    for arg in argv:
+        if arg.startswith("--") and arg != "--config" and not arg.startswith("--config="):
+            name = arg[2:].split("=", 1)[0]
+            field_name = destinations.get(name) or destinations.get(name.removeprefix("no_"))
+            if field_name and field_name not in from_flags:
+                from_flags.append(field_name)
+    from_file = [name for name in from_file if name not in from_flags]
+    if config_file is None:
+        why = "--dataset_name without --config" if any(a.startswith("--dataset_name") for a in argv) else "no --config"
+        head = f"Recipe: DinoRecipe's defaults, the paper's ViT-S/16 ({why})"
+    else:
+        why = "the packaged default: no --config and no --dataset_name" if config is None else "--config"
+        head = f"Recipe: {config_file.stem} ({why}); from {config_file}: {', '.join(from_file) or 'nothing'}"
+    return f"{head}; from flags: {', '.join(from_flags) or 'none'}; every other value: DinoRecipe's default (the paper's)"

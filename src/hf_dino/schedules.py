@@ -6,6 +6,7 @@ Each function maps an optimizer step (0-based) to a value, so resuming at step s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
 def cosine_schedule(step: int, total_steps: int, base_value: float, final_value: float,
@@ -39,3 +40,34 @@ def teacher_temperature_schedule(epoch: int, warmup_teacher_temp: float, teacher
         return warmup_teacher_temp
     fraction = epoch / (warmup_teacher_temp_epochs - 1)
     return warmup_teacher_temp + (teacher_temp - warmup_teacher_temp) * fraction
+
+
+@dataclass
+class StepSchedule:
+    """The schedule values of one optimizer step."""
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    teacher_temp: float
+
+
+def step_schedule(recipe, step: int, epoch: int, total_steps: int, steps_per_epoch: int,
+                  base_lr: float) -> StepSchedule:
+    """A recipe's (`DinoRecipe`) values at optimizer step `step` of epoch `epoch`: lr (linear warm-up
+    to `base_lr`, then cosine to `min_lr`), weight decay and teacher momentum (cosine), and teacher
+    temperature (linear warm-up per epoch as the reference, or per step with
+    `warmup_teacher_temp_steps`, then constant)."""
+    warmup_steps = recipe.warmup_epochs * steps_per_epoch if recipe.warmup_steps is None else recipe.warmup_steps
+    if recipe.warmup_teacher_temp_steps is None:
+        teacher_temp = teacher_temperature_schedule(epoch, recipe.warmup_teacher_temp, recipe.teacher_temp,
+                                                    recipe.warmup_teacher_temp_epochs)
+    else:
+        teacher_temp = teacher_temperature_schedule(step, recipe.warmup_teacher_temp, recipe.teacher_temp,
+                                                    recipe.warmup_teacher_temp_steps)
+    return StepSchedule(
+        lr=cosine_schedule(step, total_steps, base_lr, recipe.min_lr, warmup_steps),
+        weight_decay=cosine_schedule(step, total_steps, recipe.weight_decay, recipe.weight_decay_end),
+        momentum=cosine_schedule(step, total_steps, recipe.momentum_teacher, recipe.momentum_teacher_end),
+        teacher_temp=teacher_temp,
+    )

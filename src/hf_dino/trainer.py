@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 
 from . import checkpointing, distributed
 from .cpu_runtime import configure_cpu_training
-from .data import FALLBACK_VAL_SPLITS, MultiCropDataset, StreamingMultiCropDataset, build_training_data, select_split
-from .evaluation import knn_evaluate_splits
+from .data import MultiCropDataset, StreamingMultiCropDataset, build_training_data
+from .evaluation.knn import held_out_knn
 from .loss import DinoLoss, DinoLossOutput, KoLeoLoss
 from .modeling_dino import DinoModel, training_attention_implementation
 from .optimization import (
@@ -52,24 +52,15 @@ from .optimization import (
     set_step_hyperparameters,
 )
 from .recipe import DinoRecipe
-from .schedules import cosine_schedule, teacher_temperature_schedule
+from .schedules import StepSchedule, step_schedule
 from .student_teacher import build_student_and_teacher
+from .training_metrics import DataCounts, MetricsWindow
 
 logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops and the last checkpoint stays intact."""
-
-
-@dataclass
-class StepSchedule:
-    """The schedule values of one optimizer step."""
-
-    lr: float
-    weight_decay: float
-    momentum: float
-    teacher_temp: float
 
 
 @dataclass(eq=False)
@@ -101,38 +92,6 @@ class TrainingRun:
     batches_done: int = 0  # of the current epoch, skipped ones included
 
 
-class MetricsWindow:
-    """Sums of the loss statistics over the optimizer steps since the last log line, kept as device
-    tensors so that a step never waits for the host; `means` averages them over steps and processes."""
-
-    NAMES = ("loss", "teacher_entropy", "kl_student_teacher")
-
-    def __init__(self, device: torch.device, with_koleo_loss: bool = False):
-        self.names = self.NAMES + (("koleo_loss",) if with_koleo_loss else ())
-        self.sums = {name: torch.zeros((), device=device) for name in self.names}
-        self.reset()
-
-    def reset(self) -> None:
-        for value in self.sums.values():
-            value.zero_()
-        self.steps, self.images, self.start_time = 0, 0, time.perf_counter()
-
-    def add(self, output: DinoLossOutput, images: int, gradient_accumulation_steps: int) -> None:
-        """One batch's loss statistics, each weighted 1 / gradient_accumulation_steps (a step's value is
-        the mean over its batches); `images`: trained on by all processes together."""
-        self.sums["loss"] += output.loss.detach() / gradient_accumulation_steps
-        self.sums["teacher_entropy"] += output.teacher_entropy / gradient_accumulation_steps
-        self.sums["kl_student_teacher"] += output.kl_student_teacher / gradient_accumulation_steps
-        if "koleo_loss" in self.sums:
-            self.sums["koleo_loss"] += output.koleo_loss.detach() / gradient_accumulation_steps
-        self.images += images
-
-    def means(self, accelerator: Accelerator) -> dict[str, float]:
-        """{name: mean per step over the window, averaged over processes} (collective)."""
-        values = accelerator.reduce(torch.stack(list(self.sums.values())), reduction="mean")
-        return dict(zip(self.names, values.div(self.steps).tolist()))
-
-
 class DinoTrainer:
     """Runs DINO pretraining as described by a `DinoRecipe`.
 
@@ -158,11 +117,8 @@ class DinoTrainer:
             local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes))
             configure_cpu_training(recipe.num_threads, local_processes, self.accelerator.mixed_precision,
                                    recipe.keep_freed_cpu_memory)
-        self.num_skipped_images = 0  # undecodable images, all processes together
-        self._skipped_images_here = 0  # ... found by this process since the last log
-        self.num_skipped_batches = 0  # steps skipped on every process: some process had no decodable image
-        self.images_per_process: list[int] = [0] * self.accelerator.num_processes  # images trained on
-        self._agreement_group = None  # gloo group for the per-batch agreement (set by train())
+        self.counts = DataCounts(self.accelerator.num_processes)
+        self._agreement_group = None  # gloo group for the per-batch agreement (set by set_up())
         self.student: DinoModel | None = None  # set by train(): unwrapped student and teacher
         self.teacher: DinoModel | None = None
         self.pusher = None  # main process with --push_to_hub: uploads in the background
@@ -190,9 +146,9 @@ class DinoTrainer:
             epoch_first_step, images_here = run.global_step, 0
             for batch, trainable in self.epoch_batches(run, epoch):
                 run.batches_done += 1
-                self._count_skipped(batch)
+                self.counts.count_skipped(batch)
                 if not trainable:  # some process has no decodable image in its batch: all skip it
-                    self.num_skipped_batches += 1
+                    self.counts.skipped_batches += 1
                     continue
                 crops = [crop.to(accelerator.device, non_blocking=True) for crop in batch["crops"]]
                 images_here += crops[0].shape[0]
@@ -221,7 +177,8 @@ class DinoTrainer:
                     self._save_checkpoint(run, epoch)
                 if run.global_step >= run.total_steps:
                     break
-            self._end_epoch(epoch, images_here, run.global_step - epoch_first_step, run.steps_per_epoch)
+            self.counts.end_epoch(epoch, images_here, run.global_step - epoch_first_step, run.steps_per_epoch,
+                                  log=accelerator.is_main_process)
         progress.close()
         return self.finish(run, last_metrics, time.perf_counter() - start_time)
 
@@ -260,7 +217,7 @@ class DinoTrainer:
         if self._deepspeed and recipe.freeze_last_layer:
             distributed.freeze_last_layer_under_deepspeed(unwrapped_student.head, lambda: self._last_layer_frozen)
         if accelerator.num_processes > 1:
-            self._agreement_group = distributed.agreement_process_group()
+            self._agreement_group = self.counts.group = distributed.agreement_process_group()
 
         global_batch = recipe.batch_size_per_device * accelerator.num_processes * recipe.gradient_accumulation_steps
         if recipe.koleo_loss_weight > 0 and recipe.batch_size_per_device * accelerator.num_processes < 2:
@@ -306,23 +263,8 @@ class DinoTrainer:
         return distributed.agreed_batches(batches, self.accelerator.num_processes, self._agreement_group)
 
     def schedule(self, run: TrainingRun, epoch: int) -> StepSchedule:
-        """This step's lr (linear warm-up, then cosine), weight decay and teacher momentum (cosine),
-        and teacher temperature (linear warm-up per epoch as the reference, or per step with
-        `warmup_teacher_temp_steps`, then constant)."""
-        recipe, step, total_steps = self.recipe, run.global_step, run.total_steps
-        warmup_steps = recipe.warmup_epochs * run.steps_per_epoch if recipe.warmup_steps is None else recipe.warmup_steps
-        if recipe.warmup_teacher_temp_steps is None:
-            teacher_temp = teacher_temperature_schedule(epoch, recipe.warmup_teacher_temp, recipe.teacher_temp,
-                                                        recipe.warmup_teacher_temp_epochs)
-        else:
-            teacher_temp = teacher_temperature_schedule(step, recipe.warmup_teacher_temp, recipe.teacher_temp,
-                                                        recipe.warmup_teacher_temp_steps)
-        return StepSchedule(
-            lr=cosine_schedule(step, total_steps, run.base_lr, recipe.min_lr, warmup_steps),
-            weight_decay=cosine_schedule(step, total_steps, recipe.weight_decay, recipe.weight_decay_end),
-            momentum=cosine_schedule(step, total_steps, recipe.momentum_teacher, recipe.momentum_teacher_end),
-            teacher_temp=teacher_temp,
-        )
+        """This step's lr, weight decay, teacher momentum and temperature (`schedules.step_schedule`)."""
+        return step_schedule(self.recipe, run.global_step, epoch, run.total_steps, run.steps_per_epoch, run.base_lr)
 
     def training_step(self, run: TrainingRun, crops: list[torch.Tensor], schedule: StepSchedule,
                       epoch: int) -> tuple[DinoLossOutput, bool]:
@@ -386,8 +328,8 @@ class DinoTrainer:
                    **window.means(self.accelerator), "lr": schedule.lr,
                    "weight_decay": schedule.weight_decay, "momentum": schedule.momentum,
                    "teacher_temp": schedule.teacher_temp, "img_per_s": window.images / elapsed,
-                   "num_skipped_images": self._total_skipped_images(),
-                   "num_skipped_batches": self.num_skipped_batches,
+                   "num_skipped_images": self.counts.total_skipped_images(),
+                   "num_skipped_batches": self.counts.skipped_batches,
                    "elapsed_s": time.perf_counter() - start_time}
         self._check_finite(metrics["loss"], run.global_step - window.steps + 1, run.global_step)
         return metrics
@@ -400,17 +342,15 @@ class DinoTrainer:
             logger.warning("Training ended at step %d of %d: an epoch ran short (a stream shorter than "
                            "declared, or skipped batches); the schedules did not reach their end.",
                            run.global_step, run.total_steps)
-        results = {"train": last_metrics, "train_time_s": train_time_s,
-                   "global_step": run.global_step, "images_per_process": self.images_per_process,
-                   "num_skipped_images": self._total_skipped_images(),
-                   "num_skipped_batches": self.num_skipped_batches}
+        results = {"train": last_metrics, "train_time_s": train_time_s, "global_step": run.global_step,
+                   **self.counts.state()}
         accelerator.wait_for_everyone()
         distributed.align_teacher_buffers(accelerator, run.teacher)
         teacher = distributed.exportable_teacher(accelerator, run.teacher, on_every_process=recipe.knn_eval_at_end)
         if recipe.knn_eval_at_end:  # every process extracts a shard of the features
             results["knn"] = self.evaluate_knn(teacher, run.dataset_dict)
         if accelerator.is_main_process:
-            self._save_final(teacher, results)
+            checkpointing.save_final_outputs(self.output_dir, teacher, results, self.recipe, self.pusher)
         # The DDP wrapper's reducer holds the process group. Free it on every rank while all ranks are
         # still alive (the barrier below waits for all): freed after a peer has exited, gloo's
         # destructor can hang.
@@ -422,23 +362,6 @@ class DinoTrainer:
         return results
 
     # ------------------------------------------------------------------ several processes
-    def _end_epoch(self, epoch: int, images_here: int, steps: int, steps_per_epoch: int) -> None:
-        """Count the images each process trained on in this epoch and log them."""
-        counts = distributed.gather_counts(images_here, self.accelerator.num_processes, self._agreement_group)
-        self.images_per_process = [total + count for total, count in zip(self.images_per_process, counts)]
-        if steps < steps_per_epoch:
-            logger.warning("Epoch %d ran %d of %d steps (data exhausted on a process, or %d skipped batches so far)",
-                           epoch, steps, steps_per_epoch, self.num_skipped_batches)
-        if self.accelerator.is_main_process:
-            logger.info("Epoch %d: %d steps; images trained on per process: %s", epoch, steps, counts)
-
-    def _total_skipped_images(self) -> int:
-        """Undecodable images met so far by all processes together (collective with several)."""
-        self.num_skipped_images += sum(distributed.gather_counts(self._skipped_images_here,
-                                                                 self.accelerator.num_processes, self._agreement_group))
-        self._skipped_images_here = 0
-        return self.num_skipped_images
-
     @property
     def _deepspeed(self) -> bool:
         return distributed.is_deepspeed(self.accelerator)
@@ -451,12 +374,6 @@ class DinoTrainer:
                 f"--warmup_epochs or use --clip_grad; resume from the last checkpoint in {self.output_dir} "
                 "(none was written after the loss diverged).")
 
-    def _count_skipped(self, batch: dict) -> None:
-        if batch["num_skipped"]:
-            if self.num_skipped_images + self._skipped_images_here < 5:
-                logger.warning("Skipped image(s) at dataset index %s", ", ".join(map(str, batch["skipped_indices"])))
-            self._skipped_images_here += batch["num_skipped"]
-
     def _log(self, metrics: dict) -> None:
         self.accelerator.log(metrics, step=metrics["step"])
         if self.accelerator.is_main_process:
@@ -466,8 +383,7 @@ class DinoTrainer:
     def _save_checkpoint(self, run: TrainingRun, epoch: int) -> Path:
         """`checkpointing.save_checkpoint` of this run at its current step (collective)."""
         state = {"global_step": run.global_step, "epoch": epoch, "batches_in_epoch": run.batches_done,
-                 "num_skipped_images": self._total_skipped_images(), "num_skipped_batches": self.num_skipped_batches,
-                 "images_per_process": self.images_per_process}
+                 **self.counts.state()}
         teacher = distributed.exportable_teacher(self.accelerator, run.teacher)
         # a streamed run also saves where each of this process's DataLoader workers is in its stream
         stream = {"num_workers": self.recipe.num_workers, "dataloader": run.dataloader.state_dict()} \
@@ -483,10 +399,7 @@ class DinoTrainer:
             return
         state = checkpointing.load_checkpoint(self.accelerator, path, run.teacher, run.dino_loss,
                                               teacher_is_sharded=distributed.is_fsdp(self.accelerator))
-        self.num_skipped_images = state["num_skipped_images"]
-        self.num_skipped_batches = state.get("num_skipped_batches", 0)
-        if len(state.get("images_per_process", [])) == self.accelerator.num_processes:
-            self.images_per_process = state["images_per_process"]
+        self.counts.load_state(state)
         run.global_step = state["global_step"]
         run.start_epoch = state.get("epoch", run.global_step // run.steps_per_epoch)
         # checkpoints without `batches_in_epoch` come from runs where every epoch had all its steps
@@ -513,35 +426,16 @@ class DinoTrainer:
         return {} if knn is None else {"knn_top1": knn["top1"], "knn_top5": knn["top5"]}
 
     def evaluate_knn(self, teacher: DinoModel, dataset_dict) -> dict | None:
-        """Weighted k-NN of the teacher backbone: train split as memory bank, held-out split as queries."""
-        recipe = self.recipe
-        try:
-            val_split = select_split(dataset_dict, recipe.val_split, fallbacks=FALLBACK_VAL_SPLITS)
-            train_split = select_split(dataset_dict, recipe.train_split)
-        except KeyError as error:
-            logger.warning("k-NN evaluation skipped: %s", error)
-            return None
-        if recipe.label_column not in (train_split.features or {}):
-            logger.warning("k-NN evaluation skipped: no %r column", recipe.label_column)
-            return None
-        knn = knn_evaluate_splits(
-            teacher, train_split, val_split, crop_size=recipe.evaluation_image_size, ks=(recipe.knn_k,),
-            temperature=recipe.knn_temperature, image_column=recipe.image_column, label_column=recipe.label_column,
-            num_workers=recipe.num_workers, device=self.accelerator.device,
-            max_train_samples=recipe.knn_max_train_samples,
-            accelerator=self.accelerator if self.accelerator.num_processes > 1 else None)
-        knn["split"] = str(getattr(val_split, "split", None) or recipe.val_split)  # after the fallback
-        if self.accelerator.is_main_process:
+        """Weighted k-NN of the teacher backbone: train split as memory bank, held-out split as queries
+        (`evaluation.held_out_knn`; every process extracts a shard of the features); printed."""
+        recipe, accelerator = self.recipe, self.accelerator
+        knn = held_out_knn(teacher, dataset_dict, train_split=recipe.train_split, val_split=recipe.val_split,
+                           label_column=recipe.label_column, crop_size=recipe.evaluation_image_size,
+                           ks=(recipe.knn_k,), temperature=recipe.knn_temperature, image_column=recipe.image_column,
+                           num_workers=recipe.num_workers, device=accelerator.device,
+                           max_train_samples=recipe.knn_max_train_samples,
+                           accelerator=accelerator if accelerator.num_processes > 1 else None)
+        if knn is not None and accelerator.is_main_process:
             print(f"k-NN (k={recipe.knn_k}, T={recipe.knn_temperature}) of the teacher on {knn['num_val']} held-out "
                   f"images: top-1 {knn['top1']:.2f}%, top-5 {knn['top5']:.2f}%")
         return knn
-
-    def _save_final(self, teacher: DinoModel, results: dict) -> None:
-        from .hub import save_teacher_backbone
-
-        teacher.save_pretrained(self.output_dir / "dino")
-        backbone_dir = save_teacher_backbone(teacher, self.output_dir / "teacher_backbone", self.recipe, results)
-        if self.pusher is not None:
-            self.pusher.push(backbone_dir, f"DINO teacher backbone, step {results['global_step']} (final)")
-            results["push"] = self.pusher.wait()  # waits for the checkpoints' uploads too
-        (self.output_dir / "results.json").write_text(json.dumps(results, indent=2))

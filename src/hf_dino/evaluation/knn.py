@@ -190,3 +190,27 @@ def knn_evaluate_splits(model: nn.Module, train_split, val_split, *, crop_size: 
             "num_train": len(train_labels), "num_val": len(val_labels), "num_skipped": train_skipped + val_skipped,
             "per_k": {int(k): v for k, v in per_k.items()}, "num_processes": num_processes,
             "images_per_process": gather_counts(embedded_here, num_processes)}
+
+
+def held_out_knn(model: nn.Module, dataset_dict, *, train_split: str, val_split: str, label_column: str,
+                 **knn_arguments) -> dict | None:
+    """`knn_evaluate_splits` of `model` with `dataset_dict[train_split]` as the memory bank and the
+    held-out split (`val_split`, else the first of validation / test / val / valid) as queries;
+    None, with a warning, when the data has no held-out split or no labels. The result also names
+    the held-out split (`"split"`)."""
+    import logging
+
+    from ..data import FALLBACK_VAL_SPLITS, select_split
+
+    try:
+        held_out = select_split(dataset_dict, val_split, fallbacks=FALLBACK_VAL_SPLITS)
+        memory_bank = select_split(dataset_dict, train_split)
+    except KeyError as error:
+        logging.getLogger(__name__).warning("k-NN evaluation skipped: %s", error)
+        return None
+    if label_column not in (memory_bank.features or {}):
+        logging.getLogger(__name__).warning("k-NN evaluation skipped: no %r column", label_column)
+        return None
+    result = knn_evaluate_splits(model, memory_bank, held_out, label_column=label_column, **knn_arguments)
+    result["split"] = str(getattr(held_out, "split", None) or val_split)  # after the fallback
+    return result

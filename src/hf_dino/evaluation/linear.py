@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .features import _vit_of, extract_features, probe_features  # noqa: F401  (probe_features: its home was here)
+from .features import _vit_of, extract_features, probe_features
 from .metrics import topk_accuracy
 from ..schedules import cosine_schedule
 
