@@ -150,6 +150,21 @@ def test_grayscale_rgba_and_larger_attention_input(demo, query_image, tmp_path):
     assert result.mean_overlay.shape == (224, 224, 3) and len(result.head_overlays) == 3
 
 
+def test_attention_input_is_capped_by_token_count(demo, query_image):
+    """At most MAX_ATTENTION_TOKENS patches whatever the patch size: 64 x 64 patches, 512 px at
+    patch 8 (the tiny model's), 1,024 px at patch 16. A larger request is answered at the cap and
+    says so; the page's slider stops there; Gradio's file cache is cleaned on a schedule."""
+    assert app_module.MAX_ATTENTION_TOKENS == 4096
+    assert app_module.max_attention_size(8) == 512 and app_module.max_attention_size(16) == 1024
+    result = demo.analyze(str(query_image), image_size=2000, top_k=1)
+    assert result.attention.shape == (3, 64, 64) and "capped at 512 px" in result.message
+    assert "capped" not in demo.analyze(str(query_image), image_size=512, top_k=1).message
+    page = build_app(demo=demo)
+    sliders = [block for block in page.blocks.values() if getattr(block, "elem_id", None) == "image-size"]
+    assert [slider.maximum for slider in sliders] == [512]
+    assert page.delete_cache == app_module.DELETE_CACHE and page.delete_cache[1] <= 24 * 3600
+
+
 def test_huge_and_corrupt_images_are_refused_with_a_message(demo, query_image, tmp_path):
     huge = tmp_path / "huge.png"
     Image.new("1", (8000, 6000)).save(huge)  # 48 MP, a few kB on disk

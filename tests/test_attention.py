@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from transformers import ViTConfig, ViTModel
 
-from hf_dino.attention import (attention_mass_masks, eager_attention, last_block_cls_attention,
-                               save_attention_figures, upsample_to_image)
+from hf_dino.attention import (attention_mass_masks, cls_attention_and_feature, eager_attention,
+                               last_block_cls_attention, save_attention_figures, upsample_to_image)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +43,57 @@ def test_cls_attention_matches_softmax_of_the_last_blocks_queries_and_keys():
     expected = torch.softmax(q @ k.transpose(-1, -2) / head_dim ** 0.5, dim=-1)[:, :, 0, 1:]
     assert attention.shape == (2, 2, 4, 6)
     torch.testing.assert_close(attention, expected.reshape(2, 2, 4, 6), rtol=1e-5, atol=1e-6)
+
+
+def test_one_pass_equals_the_eager_models_last_attention_matrix_and_feature():
+    """The CLS row computed alone equals row 0 of the last block's full eager attention matrix
+    (`output_attentions=True`), and the feature equals `last_hidden_state[:, 0]`, for a ViT and
+    through a DinoModel, on a non-square image."""
+    from hf_dino.configuration_dino import DinoConfig
+    from hf_dino.modeling_dino import DinoModel
+
+    torch.manual_seed(1)
+    vit = tiny_vit()
+    with torch.no_grad():  # peaky attention, so that the rows are far from uniform
+        for layer in vit.layers:
+            layer.attention.q_proj.weight.normal_(0, 1.0)
+    dino = DinoModel(DinoConfig(backbone_config=vit.config, out_dim=8, head_hidden_dim=8, head_bottleneck_dim=4))
+    dino.backbone.load_state_dict(vit.state_dict())
+    pixels = torch.randn(3, 3, 20, 28)
+    with torch.no_grad(), eager_attention(vit):
+        eager = vit(pixel_values=pixels, interpolate_pos_encoding=True, output_attentions=True)
+    expected_maps = eager.attentions[-1][:, :, 0, 1:].reshape(3, 2, 5, 7)
+    assert expected_maps.amax() > 5 * expected_maps.mean()
+    for model in (vit, dino.eval()):
+        maps, feature = cls_attention_and_feature(model, pixels)
+        assert maps.shape == (3, 2, 5, 7) and feature.shape == (3, 32)
+        torch.testing.assert_close(maps, expected_maps, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(feature, eager.last_hidden_state[:, 0], rtol=1e-5, atol=1e-5)
+    assert cls_attention_and_feature(vit, pixels, return_feature=False)[1] is None
+
+
+def test_one_pass_runs_sdpa_below_the_last_block_and_never_eager(monkeypatch):
+    """No block builds a (1 + N) x (1 + N) attention matrix through the eager path, also for a model
+    set to eager: the blocks below the last go through SDPA, the last computes the CLS row only."""
+    import transformers.models.vit.modeling_vit as modeling_vit
+
+    def no_eager(*args, **kwargs):
+        raise AssertionError("eager attention was used")
+
+    sdpa_calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(modeling_vit, "eager_attention_forward", no_eager)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda query, *args, **kwargs: sdpa_calls.append(query.shape) or sdpa(query, *args, **kwargs))
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                             image_size=16, patch_size=4), add_pooling_layer=False).eval()
+    for implementation in ("sdpa", "eager"):
+        vit.set_attn_implementation(implementation)
+        sdpa_calls.clear()
+        maps = last_block_cls_attention(vit, torch.randn(2, 3, 32, 32))
+        assert maps.shape == (2, 2, 8, 8)
+        assert sdpa_calls == [(2, 2, 65, 16)] * 2  # blocks 0 and 1 of 3, 1 + 64 tokens
+        assert vit.config._attn_implementation == implementation  # restored
 
 
 def attention_implementations(model) -> set:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attention import attention_mass_masks, last_block_cls_attention, vit_backbone
+from .attention import attention_mass_masks, cls_attention_and_feature, vit_backbone
 from .data import DEMO_DATASET_DIR, FALLBACK_VAL_SPLITS, decode_image, load_dataset_dict, prepare_image_column
 from .evaluation.features import backbone_cls_features, load_frozen_backbone
 from .transforms import centre_square, evaluation_transform
@@ -44,6 +45,12 @@ MAX_IMAGE_PIXELS = 40_000_000
 GALLERY_RESIZE_RATIO = 1.0
 # Attention overlays are drawn at least this many pixels wide.
 MIN_DISPLAY_SIZE = 224
+# The attention input is capped by its number of patches, whatever the patch size: 4,096 (a 64 x 64
+# grid: 512 px at patch 8, 1,024 px at patch 16). The largest request then stays near 0.85 GB of RSS
+# for a ViT-S/8 (one block's activations; the last block computes only the CLS row of its attention).
+MAX_ATTENTION_TOKENS = 4096
+# Gradio's cache of uploads and rendered outputs: every 15 minutes, files older than an hour go.
+DELETE_CACHE = (900, 3600)
 NO_MODEL_MESSAGE = (
     "**No model loaded.** Train the demo model with `accelerate launch scripts/pretrain.py` (about 8 minutes "
     f"on a 2-core CPU; it writes `{DEFAULT_MODEL_DIR.as_posix()}`, which this app then opens by default), or "
@@ -242,17 +249,16 @@ def model_input(image: np.ndarray, size: int, loaded: LoadedModel) -> torch.Tens
     return pixels.to(next(loaded.model.parameters()).device)
 
 
+def max_attention_size(patch_size: int, max_tokens: int = MAX_ATTENTION_TOKENS) -> int:
+    """The largest square attention input (px) with at most `max_tokens` patches of `patch_size`."""
+    return math.isqrt(max_tokens) * patch_size
+
+
 def attention_and_feature(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass: `last_block_cls_attention` (B, heads, h, w) and the DINO feature (B, D),
-    the final-norm CLS token of the same pass, captured by a hook on the ViT."""
-    captured = []
-    hook = vit_backbone(model).register_forward_hook(
-        lambda module, args, output: captured.append(output.last_hidden_state[:, 0]))
-    try:
-        attention = last_block_cls_attention(model, pixel_values)
-    finally:
-        hook.remove()
-    return attention, captured[-1]
+    """One forward pass: the last block's CLS attention (B, heads, h, w) and the DINO feature
+    (B, D), the final-norm CLS token of the same pass (`cls_attention_and_feature`: SDPA below the
+    last block, only the CLS row of the last block's attention)."""
+    return cls_attention_and_feature(model, pixel_values)
 
 
 def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np.ndarray:
@@ -341,15 +347,17 @@ class DinoDemo:
 
         The model sees the image's centre square (shorter side resized to the input size, the
         gallery's transform too). The attention's input size is `image_size` (default: the
-        model's native size; at least 4 patches, floored to a multiple of the patch size); the
-        neighbour search runs at the native size, from the same forward pass when they agree.
+        model's native size; at least 4 patches, at most `MAX_ATTENTION_TOKENS` patches, floored
+        to a multiple of the patch size); the neighbour search runs at the native size, from the
+        same forward pass when they agree.
         """
         if not 0 < threshold <= 1:
             raise AppInputError(f"Threshold {threshold}: give a fraction of attention mass in (0, 1].")
         loaded = self.load(model_name or self.model)
         image, note = read_image(image_path)
         patch = loaded.patch_size
-        size = max(int(image_size or loaded.image_size), 4 * patch) // patch * patch
+        requested = max(int(image_size or loaded.image_size), 4 * patch)
+        size = min(requested, max_attention_size(patch)) // patch * patch
         shown = centre_square(image, size)
         attention, query = attention_and_feature(loaded.model, model_input(image, size, loaded))
         attention = attention[0].float().cpu()  # (heads, h, w)
@@ -374,6 +382,9 @@ class DinoDemo:
                    f"{patch} px); the mask keeps {int(mask.sum())}/{mask.numel()} patches holding {threshold:.0%} "
                    f"of the mean attention. Neighbours: top {len(table)} of {self._features[loaded.name][0].shape[0]}"
                    f" images in {self.gallery_data().name} by cosine similarity.")
+        if requested > max_attention_size(patch):
+            message += (f" The input size was capped at {size} px: at most {MAX_ATTENTION_TOKENS:,} patches of "
+                        f"{patch} px.")
         if note:
             message += f" Input {note}."
         return Analysis(attention=attention, mask=mask, mean_overlay=mean_overlay, head_overlays=head_overlays,
@@ -432,8 +443,12 @@ def build_app(model: str | None = None, gallery: str | None = None, threshold: f
     start_message = NO_MODEL_MESSAGE if not demo.model else (demo.warm_up() if warm_up else None)
     start_message = f"⚠️ {start_message}" if start_message else (
         f"Model `{demo.model}` ready. Upload an image or click an example, then **Analyze**.")
+    # the slider's top: MAX_ATTENTION_TOKENS patches of the loaded model (of 16 px without one);
+    # `analyze` caps any model the same way
+    patch = demo._models[demo.model.strip()].patch_size if demo.model and demo.model.strip() in demo._models else 16
+    size_limit = max_attention_size(patch)
 
-    with gr.Blocks(title="DINO: attention and neighbours") as page:
+    with gr.Blocks(title="DINO: attention and neighbours", delete_cache=DELETE_CACHE) as page:
         gr.Markdown("# DINO: what a self-supervised ViT attends to, and what it finds similar\n"
                     "Last-block CLS attention (mean and per head), the patches holding the threshold's share of "
                     "the attention, and the nearest gallery images by cosine similarity of the CLS feature.")
@@ -445,8 +460,9 @@ def build_app(model: str | None = None, gallery: str | None = None, threshold: f
                                        placeholder=str(DEFAULT_MODEL_DIR), elem_id="model")
                 threshold_slider = gr.Slider(0.05, 1.0, value=threshold, step=0.05, elem_id="threshold",
                                              label="Mask threshold (share of attention mass kept)")
-                size_slider = gr.Slider(0, 512, value=0, step=8, elem_id="image-size",
-                                        label="Attention input size in px (0: the model's native size)")
+                size_slider = gr.Slider(0, size_limit, value=0, step=8, elem_id="image-size",
+                                        label=f"Attention input size in px (0: the model's native size; at most "
+                                              f"{MAX_ATTENTION_TOKENS:,} patches, {size_limit} px here)")
                 top_k_slider = gr.Slider(1, 24, value=top_k, step=1, label="Neighbours", elem_id="top-k")
                 button = gr.Button("Analyze", variant="primary", elem_id="analyze")
                 gr.Examples(examples=[[path] for path in example_images()], inputs=[image], label="Examples")

@@ -3,6 +3,12 @@
 For a ViT with patch size p on an (H, W) image: the last block's attention of the CLS token
 to the (H/p) * (W/p) patches, one map per head, upsampled to the image; and the masks that
 keep the most-attended patches holding `keep_fraction` (60% in the paper) of each head's mass.
+
+One forward pass gives the maps (`cls_attention_and_feature`): every block but the last runs on
+the model's own attention implementation (SDPA unless it was set otherwise; a model set to eager
+runs on SDPA for the call), and the last block computes only the CLS token's row of its attention
+((B, heads, 1 + N) scores instead of (B, heads, 1 + N, 1 + N) for every block). The app, the
+attention figures, the attention video and the attention-segmentation evaluation share it.
 """
 
 from __future__ import annotations
@@ -25,51 +31,96 @@ def vit_backbone(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def eager_attention(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the block with `model` (a transformers model) on the eager attention implementation,
-    the only one that returns attention weights, then restore the implementation it had (SDPA,
-    flash, ...), also when the block raises. Same weights, same outputs."""
+def attention_implementation(model: nn.Module, implementation: str) -> Iterator[nn.Module]:
+    """Run the block with `model` (a transformers model) on `implementation` ("eager", "sdpa",
+    ...), then restore the implementation it had, also when the block raises. Same weights, same
+    outputs."""
     previous = model.config._attn_implementation
-    if previous == "eager":
+    if previous == implementation:
         yield model
         return
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation(implementation)
     try:
         yield model
     finally:
         model.set_attn_implementation(previous)
 
 
-@torch.no_grad()
-def last_block_cls_attention(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """pixel_values (B, 3, H, W) -> CLS-to-patch attention of the last block (B, heads, H/p, W/p).
+def eager_attention(model: nn.Module):
+    """`attention_implementation(model, "eager")`: the only implementation that returns every
+    block's (B, heads, 1 + N, 1 + N) attention weights (`output_attentions=True`)."""
+    return attention_implementation(model, "eager")
 
-    SDPA and flash attention do not return attention weights, so the backbone runs on the eager
-    implementation for this call (`eager_attention`); its own implementation is restored after.
+
+@torch.no_grad()
+def cls_attention_and_feature(model: nn.Module, pixel_values: torch.Tensor, return_feature: bool = True
+                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """pixel_values (B, 3, H, W), H and W multiples of the patch size p ->
+    (CLS-to-patch attention of the last block (B, heads, H/p, W/p), DINO feature (B, D) or None).
+
+    The feature is the CLS token after the final layer norm (`last_hidden_state[:, 0]`), from the
+    same pass: the last block is only evaluated for the CLS token, whose output depends on the
+    other tokens through its attention row alone. Position embeddings are interpolated to the
+    grid as `ViTModel(..., interpolate_pos_encoding=True)` does. Memory: the activations of one
+    block plus (B, heads, 1 + N) scores; no (1 + N) x (1 + N) matrix is kept.
     """
     vit = vit_backbone(model)
     patch = vit.config.patch_size
     height, width = pixel_values.shape[-2:]
     if height % patch or width % patch:
         raise ValueError(f"Image size {height}x{width} is not a multiple of the patch size {patch}")
-    with eager_attention(vit):
-        outputs = vit(pixel_values=pixel_values, output_attentions=True, interpolate_pos_encoding=True)
-    attention = outputs.attentions[-1]  # (B, heads, 1 + N, 1 + N)
-    cls_to_patches = attention[:, :, 0, 1:]  # (B, heads, N)
-    return cls_to_patches.reshape(*cls_to_patches.shape[:2], height // patch, width // patch)
+    pixel_values = pixel_values.to(vit.embeddings.patch_embeddings.projection.weight.dtype)
+    implementation = "sdpa" if vit.config._attn_implementation == "eager" else vit.config._attn_implementation
+    with attention_implementation(vit, implementation):
+        hidden = vit.embeddings(pixel_values, interpolate_pos_encoding=True)  # (B, 1 + N, D)
+        for layer in vit.layers[:-1]:
+            hidden = layer(hidden, None)
+    last = vit.layers[-1]
+    attention = last.attention
+    batch, tokens = hidden.shape[:2]
+    normed = last.layernorm_before(hidden)
+    query = attention.q_proj(normed[:, :1]).view(batch, 1, -1, attention.head_dim).transpose(1, 2)  # (B, h, 1, d)
+    key = attention.k_proj(normed).view(batch, tokens, -1, attention.head_dim).transpose(1, 2)  # (B, h, 1 + N, d)
+    scores = torch.matmul(query, key.transpose(2, 3)) * attention.scaling
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (B, h, 1, 1 + N)
+    maps = weights[:, :, 0, 1:].reshape(batch, weights.shape[1], height // patch, width // patch)
+    if not return_feature:
+        return maps, None
+    value = attention.v_proj(normed).view(batch, tokens, -1, attention.head_dim).transpose(1, 2)
+    mixed = torch.matmul(weights, value).transpose(1, 2).reshape(batch, 1, -1)  # (B, 1, h * d)
+    cls = hidden[:, :1] + last.dropout(attention.o_proj(mixed))
+    cls = cls + last.dropout(last.mlp(last.layernorm_after(cls)))
+    return maps, vit.layernorm(cls)[:, 0]
+
+
+def last_block_cls_attention(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """pixel_values (B, 3, H, W) -> CLS-to-patch attention of the last block (B, heads, H/p, W/p).
+
+    `cls_attention_and_feature` without the feature: one pass, SDPA up to the last block, only
+    the CLS row of the last block's attention computed.
+    """
+    return cls_attention_and_feature(model, pixel_values, return_feature=False)[0]
 
 
 def attention_mass_masks(attention: torch.Tensor, keep_fraction: float = 0.6) -> torch.Tensor:
     """Boolean masks (same shape as `attention` (..., h, w)) keeping, per map, the fewest
-    most-attended patches whose attention sums to at least `keep_fraction` of the map's total."""
+    most-attended patches whose attention sums to at least `keep_fraction` of the map's total.
+
+    The arithmetic is the reference's (`visualize_attention.py --threshold`): the map's values
+    sorted in ascending order, divided by their sum, cumulated, and a patch kept when the
+    cumulated share up to and including it exceeds `1 - keep_fraction` (compared in the map's
+    dtype). So a patch is kept when the patches after it in that order hold less than
+    `keep_fraction`; at an exact boundary the patch that completes the share is kept and the
+    next one is not. Equal values keep their index order in the (stable) sort: of tied patches
+    at the boundary, the later ones (in row-major order) are kept first.
+    """
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"keep_fraction must lie in (0, 1], got {keep_fraction}")
     flat = attention.flatten(-2)
-    values, order = flat.sort(dim=-1, descending=True)
-    mass = values / values.sum(dim=-1, keepdim=True)
-    mass_before = mass.cumsum(dim=-1) - mass  # mass of the strictly more-attended patches
-    keep_sorted = mass_before < keep_fraction
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    ascending, order = flat.sort(dim=-1, stable=True)
+    share = ascending / ascending.sum(dim=-1, keepdim=True)
+    keep_sorted = share.cumsum(dim=-1) > (1 - keep_fraction)
+    keep = torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)
     return keep.reshape(attention.shape)
 
 

@@ -3,13 +3,15 @@
 A video file (anything FFmpeg reads, through PyAV) or a folder of frames is read frame by frame;
 each frame (optionally resized so its short side is `resize`, then cropped to a multiple of the
 patch size, as the reference does) goes through the ViT, and the CLS token's attention to the
-patches in the last block gives one (H/p, W/p) map per head and their mean. Written under
+patches in the last block gives one (H/p, W/p) map per head and their mean (one pass per batch
+of frames that computes only the CLS row of the last block: `last_block_cls_attention`). Written under
 OUTPUT_DIR:
 
 - `attention/NNNNN.png`: the mean map, colour-mapped (inferno) over the frame;
 - `heads/NNNNN-headH.png`: each head's map over the frame;
 - `masks/NNNNN.png` (with a threshold): the frame kept where the most-attended patches holding
-  `threshold` of the mean map's mass lie, darkened elsewhere;
+  `threshold` of the mean map's mass lie (`attention_mass_masks`, the reference's rule),
+  darkened elsewhere;
 - `attention.mp4`: the `attention/` frames at the input's frame rate (H.264, or MPEG-4 Part 2
   where the FFmpeg build lacks libx264).
 """

@@ -3,8 +3,10 @@
 Reads a video file (through PyAV/FFmpeg) or a folder of frames, and writes per frame the mean
 attention over heads colour-mapped over the frame (OUTPUT_DIR/attention/NNNNN.png), every head's
 map (OUTPUT_DIR/heads/NNNNN-headH.png), with --threshold the frame masked to the most-attended
-patches holding that share of the attention mass (OUTPUT_DIR/masks/NNNNN.png), and
-OUTPUT_DIR/attention.mp4 at the input's frame rate (a folder: --fps, default 30).
+patches holding that share of the attention mass (OUTPUT_DIR/masks/NNNNN.png; the reference's
+visualize_attention.py rule), and OUTPUT_DIR/attention.mp4 at the input's frame rate (a folder:
+--fps, default 30). One forward pass per batch of frames, SDPA below the last block and only the
+[CLS] row of the last block's attention, so long 480p clips stay within a few hundred MB.
 
   python scripts/video_generation.py --model dino-vits8 --input clip.mp4 --output_dir attention_clip \\
       --threshold 0.6 --resize 480

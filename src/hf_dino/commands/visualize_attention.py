@@ -4,7 +4,9 @@
         --output_dir attention/ [--image_size 480 --threshold 0.6]
 
 Writes attn-head{i}.png per head and overlay.png with the masks keeping `threshold` of each
-head's attention mass; prints a JSON summary.
+head's attention mass (the reference's visualize_attention.py rule: the fewest most-attended
+patches holding that share); prints a JSON summary. The maps come from one forward pass that
+computes only the [CLS] row of the last block's attention (hf_dino.attention).
 """
 
 from __future__ import annotations

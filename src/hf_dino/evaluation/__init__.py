@@ -5,7 +5,9 @@
 - `knn`: weighted k-NN classification (Sec. 4.1).
 - `linear`: linear probe on frozen features (Sec. 4.1).
 
-Transfer evaluations (Sec. 4.2) live beside them as modules of their own.
+Transfer evaluations (Sec. 4.2) live beside them as modules of their own, and so does
+`attention_segmentation`: the paper's probe of the self-attention map (Jaccard of thresholded
+last-block [CLS] attention against object masks, DAVIS and PASCAL VOC layouts).
 """
 
 from .features import RawPixels, backbone_cls_features, extract_features, load_frozen_backbone
