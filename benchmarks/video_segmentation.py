@@ -38,17 +38,6 @@ DEFAULT_TOOLKIT_ROOT = "/work/ref/davis2017-evaluation"
 SUMMARY_KEYS = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
 
 
-def pascal_palette():
-    import numpy as np
-
-    ids = np.arange(256)
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    for bit in range(8):
-        for channel in range(3):
-            palette[:, channel] |= (((ids >> (3 * bit + channel)) & 1) << (7 - bit)).astype(np.uint8)
-    return palette
-
-
 # --------------------------------------------------------------------------------------------
 # Runs inside the reference venv
 # --------------------------------------------------------------------------------------------
@@ -110,7 +99,9 @@ def reference_run(args: argparse.Namespace) -> None:
                                     size_mask_neighborhood=args.size_mask_neighborhood, topk=args.topk,
                                     patch_size=patch)
     reference.args = options  # restrict_neighborhood reads the module-level `args`
-    palette = pascal_palette()
+    from hf_dino.evaluation.video_segmentation import davis_palette
+
+    palette = davis_palette()
     videos = [line.strip() for line in open(os.path.join(args.data_path, "ImageSets/2017/val.txt")) if line.strip()]
     frames = 0
     if device == "cuda":
@@ -159,10 +150,10 @@ def build_davis2017_layout(data_path: Path, sequences: list[str] | None, max_fra
     import numpy as np
     from PIL import Image
 
-    from hf_dino.evaluation.video_segmentation import image_set_names, load_sequence, read_annotation
+    from hf_dino.evaluation.video_segmentation import davis_palette, image_set_names, load_sequence, read_annotation
 
     names = sequences or image_set_names(data_path)
-    palette = pascal_palette().ravel().tolist()
+    palette = davis_palette().ravel().tolist()
     for name in names:
         sequence = load_sequence(data_path, name)
         frames = sequence.frames[:max_frames] if max_frames else sequence.frames

@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -23,3 +25,22 @@ def tiny_vit(seed: int = 0, *, hidden_size: int = 32, num_hidden_layers: int = 1
     if save_to is not None:
         model.save_pretrained(save_to)
     return model
+
+
+@pytest.fixture
+def decoded(monkeypatch) -> list[int]:
+    """The images `hf_dino.data` decodes during the test in this process (not in DataLoader worker
+    processes), in order, each as the grey level of its first pixel."""
+    import hf_dino.data as data_module
+
+    levels: list[int] = []
+    read_image = data_module.read_image
+
+    def recording_read_image(value, max_pixels=data_module.DEFAULT_MAX_IMAGE_PIXELS):
+        image, reason = read_image(value, max_pixels)
+        if image is not None:
+            levels.append(int(image[0, 0, 0]))
+        return image, reason
+
+    monkeypatch.setattr(data_module, "read_image", recording_read_image)
+    return levels

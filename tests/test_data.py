@@ -214,7 +214,7 @@ def write_stream(folder, num_shards: int = 3, per_shard: int = 14) -> list[int]:
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_streamed_epoch_resumes_exactly_from_the_saved_position_without_decoding_the_past(tmp_path, num_workers,
-                                                                                            monkeypatch):
+                                                                                            decoded):
     """StatefulDataLoader over StreamingMultiCropDataset (blocks of 5 examples, 3 shards): stopped
     after 4 batches and resumed from `state_dict()` in a new loader, the epoch continues with the
     very batches (same images, same crops) of the uninterrupted epoch; with workers in the main
@@ -223,15 +223,6 @@ def test_a_streamed_epoch_resumes_exactly_from_the_saved_position_without_decodi
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     levels = write_stream(tmp_path / "stream")
-    decoded = []
-    original_read_image = data_module.read_image
-
-    def counting_read_image(value, max_pixels=data_module.DEFAULT_MAX_IMAGE_PIXELS):
-        image, reason = original_read_image(value, max_pixels)
-        decoded.append(int(image[0, 0, 0]))
-        return image, reason
-
-    monkeypatch.setattr(data_module, "read_image", counting_read_image)
     augmentation = MultiCropAugmentation(global_crop_size=8, local_crop_size=4, local_crops_number=1)
 
     def loader():

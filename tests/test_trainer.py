@@ -789,13 +789,11 @@ def test_a_decompression_bomb_is_skipped_from_its_header_and_counted(tmp_path, l
     assert "12000x12000 pixels, above max_image_pixels=100000000" in caplog.text
 
 
-def test_a_streamed_run_resumes_bitwise_from_its_checkpoint_without_decoding_what_it_trained_on(tmp_path,
-                                                                                                  monkeypatch):
+def test_a_streamed_run_resumes_bitwise_from_its_checkpoint_without_decoding_what_it_trained_on(tmp_path, decoded):
     """The shipped recipe, streamed train + test parquet files (2 shards), checkpoints every 2 steps:
     resumed from checkpoint-2 (mid-epoch), the run ends with the uninterrupted run's teacher and
     centre bit for bit, decodes exactly the images the uninterrupted run decoded after step 2 (those
     of the later batches, then the k-NN's), and its final k-NN streams the held-out split."""
-    import hf_dino.data as data_module
     from safetensors.torch import load_file
 
     for shard in range(2):
@@ -803,15 +801,6 @@ def test_a_streamed_run_resumes_bitwise_from_its_checkpoint_without_decoding_wha
                             [{"bytes": png_bytes(7 * (12 * shard + i)), "path": None} for i in range(12)])
     write_parquet_split(tmp_path / "data" / "test.parquet", [{"bytes": png_bytes(3 * i + 1), "path": None}
                                                              for i in range(10)])
-    decoded = []
-    original_read_image = data_module.read_image
-
-    def counting_read_image(value, max_pixels=data_module.DEFAULT_MAX_IMAGE_PIXELS):
-        image, reason = original_read_image(value, max_pixels)
-        decoded.append(int(image[0, 0, 0]))
-        return image, reason
-
-    monkeypatch.setattr(data_module, "read_image", counting_read_image)
     flags = ["--dataset_name", str(tmp_path / "data"), "--streaming", "true", "--max_train_samples", "24",
              "--batch_size_per_device", "4", "--shuffle_buffer_size", "5", "--epochs", "2", "--warmup_epochs", "0",
              "--checkpointing_steps", "2"]
