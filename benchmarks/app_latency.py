@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Latency of the demo app (hf_dino.app) for a ViT-S/16 on this machine's CPU.
+"""Latency of the demo app (hf_dino.demo.app) for a ViT-S/16 on this machine's CPU.
 
 A randomly initialised ViT-S/16 (224 px, 6 heads, 12 blocks; the weights do not change the
 cost) is saved, the app is built (model load + gallery features: "start-up") and served on a
@@ -9,7 +9,7 @@ free local port; then one 224x224-or-larger photo-like image is answered through
 one by one, and `DinoDemo.analyze` alone. The goal: one image in under 2 s after start-up.
 
 `--largest_request` measures memory instead: a random ViT-S/8 (224 px native) answers, in
-process, the largest attention input the app allows (`hf_dino.app.MAX_ATTENTION_TOKENS` patches:
+process, the largest attention input the app allows (`hf_dino.demo.app.MAX_ATTENTION_TOKENS` patches:
 512 px at patch 8, 4,096 tokens; 512 px where the app has no token cap), after a warm-up at the
 native size; the process's RSS is sampled every 2 ms during that request. The goal: under 1.5 GB.
 
@@ -45,7 +45,7 @@ def random_vit_small_and_photo(folder: Path, patch_size: int, image_size: int) -
     image, resized to `image_size`, as `folder/photo.png` (returned)."""
     from transformers import ViTConfig, ViTModel
 
-    from hf_dino.app import load_gallery
+    from hf_dino.demo.app import load_gallery
 
     torch.manual_seed(0)
     config = ViTConfig(image_size=224, patch_size=patch_size, hidden_size=384, num_hidden_layers=12,
@@ -61,7 +61,7 @@ def largest_request_memory(args) -> dict:
     """Peak RSS of one request at the app's largest attention input, for a random ViT-S/8."""
     import psutil
 
-    from hf_dino import app as app_module
+    from hf_dino.demo import app as app_module
 
     process = psutil.Process()
     with tempfile.TemporaryDirectory() as scratch:
@@ -126,7 +126,7 @@ def main() -> None:
 
     import gradio_client
 
-    from hf_dino.app import DinoDemo, build_app
+    from hf_dino.demo.app import DinoDemo, build_app
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)

@@ -1,5 +1,5 @@
-"""The demo app (hf_dino.app) through its Gradio API, its bad-input messages, the gallery cache,
-the command line, and the Space folder (hf_dino.space) run as the Hub would run it."""
+"""The demo app (hf_dino.demo.app) through its Gradio API, its bad-input messages, the gallery cache,
+the command line, and the Space folder (hf_dino.demo.space) run as the Hub would run it."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from PIL import Image
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
-from hf_dino import app as app_module  # noqa: E402
-from hf_dino.app import DinoDemo, build_app, example_images, load_gallery  # noqa: E402
-from hf_dino.space import write_space  # noqa: E402
+import conftest  # noqa: E402
+from hf_dino.demo import app as app_module  # noqa: E402
+from hf_dino.demo.app import DinoDemo, build_app, example_images, load_gallery  # noqa: E402
+from hf_dino.demo.space import write_space  # noqa: E402
 
 GALLERY_SIZE = 48
 QUERY_ROW = 5
@@ -37,12 +38,8 @@ def free_port() -> int:
 
 def save_tiny_vit(folder: Path, seed: int = 0) -> Path:
     """A random ViT: 32 px images, 8 px patches (4x4 grid), 3 heads."""
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(seed)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
-                       intermediate_size=48)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    conftest.tiny_vit(seed, hidden_size=24, num_hidden_layers=2, num_attention_heads=3, image_size=32, patch_size=8,
+                      save_to=folder)
     return folder
 
 

@@ -21,7 +21,8 @@ from PIL import Image
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from hf_dino.app import DinoDemo, build_app, load_gallery  # noqa: E402
+import conftest  # noqa: E402
+from hf_dino.demo.app import DinoDemo, build_app, load_gallery  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -61,14 +62,9 @@ def image_stats(page, selector: str) -> dict:
 @pytest.mark.timeout(240)
 def test_upload_shows_attention_and_neighbours_in_chromium(tmp_path):
     executable = chromium_or_skip()
-    from transformers import ViTConfig, ViTModel
-
-    import torch
-
-    torch.manual_seed(0)
     model_dir = tmp_path / "tiny_vit"
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
-                       intermediate_size=48), add_pooling_layer=False).save_pretrained(model_dir)
+    conftest.tiny_vit(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, image_size=32, patch_size=8,
+                      save_to=model_dir)
     gallery = load_gallery(None, max_images=32)
     photo = tmp_path / "photo.png"  # a real photograph: gallery image 3, enlarged
     Image.fromarray(gallery.image(3)).resize((96, 96), Image.BICUBIC).save(photo)

@@ -10,17 +10,15 @@ import torch
 from PIL import Image
 from transformers import ViTConfig, ViTModel
 
-from hf_dino.attention import (attention_mass_masks, cls_attention_and_feature, eager_attention,
+import conftest
+from hf_dino.visualization.attention import (attention_mass_masks, cls_attention_and_feature, eager_attention,
                                last_block_cls_attention, save_attention_figures, upsample_to_image)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_vit():
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       image_size=16, patch_size=4, layer_norm_eps=1e-6)
-    return ViTModel(config, add_pooling_layer=False).eval()
+    return conftest.tiny_vit(num_hidden_layers=2, layer_norm_eps=1e-6)
 
 
 def test_cls_attention_matches_softmax_of_the_last_blocks_queries_and_keys():

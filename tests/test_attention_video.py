@@ -8,17 +8,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import ViTConfig, ViTModel
 
-from hf_dino.attention_video import (VideoInputError, colorize, generate_attention_video, open_video, prepare_frame,
+import conftest
+from hf_dino.visualization.attention_video import (VideoInputError, colorize, generate_attention_video, open_video, prepare_frame,
                                      render_frame)
 
 
 def tiny_vit(patch_size=8):
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                       image_size=4 * patch_size, patch_size=patch_size)
-    return ViTModel(config, add_pooling_layer=False).eval()
+    return conftest.tiny_vit(image_size=4 * patch_size, patch_size=patch_size)
 
 
 def synthetic_frames(count=9, height=48, width=70):

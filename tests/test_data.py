@@ -189,7 +189,7 @@ def test_importing_hf_dino_leaves_pillows_guard_as_pillow_sets_it():
     import sys
 
     code = ("from PIL import Image; default = Image.MAX_IMAGE_PIXELS; import hf_dino.data, hf_dino.trainer, "
-            "hf_dino.app; assert Image.MAX_IMAGE_PIXELS == default == int(1024 * 1024 * 1024 // 4 // 3), "
+            "hf_dino.demo.app; assert Image.MAX_IMAGE_PIXELS == default == int(1024 * 1024 * 1024 // 4 // 3), "
             "Image.MAX_IMAGE_PIXELS")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_dino.attention import attention_mass_masks
+import conftest
+from hf_dino.visualization.attention import attention_mass_masks
 from hf_dino.commands.eval_attention_segmentation import main
 from hf_dino.evaluation.attention_segmentation import (centre_square, davis_samples, detect_layout, jaccard,
                                                        read_truth)
@@ -231,12 +232,8 @@ def test_pipeline_matches_the_reference_on_ten_frames_per_sequence(seeded_vit_s1
 # ----------------------------------------------------------------------------------------------
 
 def tiny_vit(folder: Path, patch_size: int = 8, seed: int = 0) -> Path:
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(seed)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                       image_size=32, patch_size=patch_size, layer_norm_eps=1e-6)
-    model = ViTModel(config, add_pooling_layer=False)
+    model = conftest.tiny_vit(seed, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=patch_size,
+                              layer_norm_eps=1e-6)
     with torch.no_grad():  # peaky, image-dependent attention
         for layer in model.layers:
             layer.attention.q_proj.weight.normal_(0, 1.0)

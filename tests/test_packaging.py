@@ -70,3 +70,22 @@ def test_installed_wheel_runs_from_another_directory(wheel, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "run" / "teacher_backbone" / "model.safetensors").exists()
     assert (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.parametrize("old, new", [("attention", "visualization.attention"),
+                                      ("attention_video", "visualization.attention_video"),
+                                      ("plotting", "visualization.plotting"), ("app", "demo.app"),
+                                      ("space", "demo.space")])
+def test_moved_modules_still_import_from_their_old_path_with_a_warning(old, new):
+    """`hf_dino.attention` etc. moved under `visualization/` and `demo/`; for one release the old path
+    gives the new module (the same object: patches and isinstance checks see one module) and a
+    FutureWarning naming the new path. Run in a fresh interpreter, where neither is imported yet."""
+    code = (f"import warnings, importlib\n"
+            f"with warnings.catch_warnings(record=True) as caught:\n"
+            f"    warnings.simplefilter('always')\n"
+            f"    old = importlib.import_module('hf_dino.{old}')\n"
+            f"assert old is importlib.import_module('hf_dino.{new}'), old\n"
+            f"assert [str(w.message) for w in caught if w.category is FutureWarning] == "
+            f"['hf_dino.{old} moved to hf_dino.{new}; import it from there (the old path goes in the next release)']\n")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from hf_dino.plotting import plot_metrics, read_metrics
+from hf_dino.visualization.plotting import plot_metrics, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -186,26 +186,6 @@ def _as_declared(dataclass_type: type, name: str, value: Any) -> Any:
     return value
 
 
-def default_device(device: str | None = None) -> str:
-    """`device`, or when None: "cuda" when a GPU is available, else "cpu" (every command's default)."""
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_model_or_exit(name_or_path: str, device: str | None = None, **kwargs: Any):
-    """`evaluation.load_frozen_backbone(name_or_path, device, **kwargs)` -> (model, native size); a
-    model that cannot be loaded (no such folder, no Hub access, not a backbone) is one usage error
-    naming --model. `device` None: `default_device()`."""
-    from .evaluation.features import load_frozen_backbone
-
-    device = default_device(device)
-    try:
-        return load_frozen_backbone(name_or_path, device, **kwargs)
-    except (OSError, ValueError) as error:
-        usage_error(f"--model {name_or_path}: {str(error).splitlines()[0]}")
-
-
 def model_field(required: bool = True, help: str = "backbone folder (teacher_backbone/), DinoModel folder (dino/) "
                                                   "or Hub id such as facebook/dino-vits16") -> Any:
     """The `--model` flag of every evaluation, with its Hugging Face spelling `--model_name_or_path`."""

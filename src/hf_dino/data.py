@@ -13,18 +13,14 @@ import io
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import datasets
 import numpy as np
 import torch
 from PIL import Image, ImageFile
-
-if TYPE_CHECKING:
-    from .recipe import DinoRecipe
 
 logger = logging.getLogger(__name__)
 
@@ -370,68 +366,3 @@ def streamed_split_length(dataset) -> int | None:
     if split is not None and str(split) in splits:
         return splits[str(split)].num_examples
     return None
-
-
-@dataclass
-class TrainingData:
-    """What a pretraining run reads: every split (the held-out one serves the k-NN evaluations),
-    the multi-crop training dataset, its DataLoader and the batches of an epoch on each process."""
-
-    dataset_dict: Any
-    train_dataset: MultiCropDataset | StreamingMultiCropDataset
-    dataloader: Iterable[dict]
-    batches_per_epoch: int
-
-
-def build_training_data(recipe: DinoRecipe, accelerator) -> TrainingData:
-    """The data of `recipe` for the processes of `accelerator` (an `accelerate.Accelerator`).
-
-    Map-style data is shuffled by a seeded sampler that Accelerate shards over the processes;
-    a streamed split (`recipe.streaming`) is split across processes by `StreamingMultiCropDataset`
-    and needs a length (its metadata's, or `--max_train_samples`) to define an epoch."""
-    from .transforms import MultiCropAugmentation
-
-    dataset_dict = load_dataset_dict(recipe.dataset_name, streaming=recipe.streaming,
-                                     config_name=recipe.dataset_config_name)
-    train_split = select_split(dataset_dict, recipe.train_split)
-    augmentation = MultiCropAugmentation(
-        global_crop_size=recipe.global_crop_size, local_crop_size=recipe.local_crop_size,
-        global_crops_scale=recipe.global_crops_scale, local_crops_scale=recipe.local_crops_scale,
-        local_crops_number=recipe.local_crops_number, params=recipe.augmentation_params())
-    loader_kwargs = dict(batch_size=recipe.batch_size_per_device, drop_last=True, num_workers=recipe.num_workers,
-                         collate_fn=collate_multicrop, pin_memory=accelerator.device.type == "cuda",
-                         # Workers live for the whole run; the epoch reaches them through shared memory.
-                         persistent_workers=recipe.num_workers > 0,
-                         prefetch_factor=4 if recipe.num_workers > 0 else None)
-    if recipe.streaming:
-        num_examples = streamed_split_length(train_split)
-        if recipe.max_train_samples is not None:
-            train_split = train_split.take(recipe.max_train_samples)
-            num_examples = min(num_examples or recipe.max_train_samples, recipe.max_train_samples)
-        if num_examples is None:
-            raise ValueError("The streamed split does not declare its length, so an epoch is undefined: "
-                             "pass --max_train_samples N (one epoch = N images).")
-        train_dataset = StreamingMultiCropDataset(
-            train_split, augmentation, recipe.image_column, seed=recipe.seed,
-            shuffle_buffer_size=recipe.shuffle_buffer_size, rank=accelerator.process_index,
-            world_size=accelerator.num_processes, max_pixels=recipe.max_image_pixels)
-        # Not prepared by Accelerate: the stream is already split across processes. Stateful: a
-        # checkpoint records each worker's stream position (`StreamingMultiCropDataset.state_dict`).
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
-        dataloader = StatefulDataLoader(train_dataset, **loader_kwargs)
-        batches_per_epoch = num_examples // accelerator.num_processes // recipe.batch_size_per_device
-    else:
-        if recipe.max_train_samples is not None:
-            train_split = train_split.select(range(min(recipe.max_train_samples, len(train_split))))
-        train_dataset = MultiCropDataset(train_split, augmentation, recipe.image_column, seed=recipe.seed,
-                                         max_pixels=recipe.max_image_pixels)
-        dataloader = torch.utils.data.DataLoader(train_dataset, shuffle=True,
-                                                 generator=torch.Generator().manual_seed(recipe.seed),
-                                                 **loader_kwargs)
-        dataloader = accelerator.prepare(dataloader)
-        batches_per_epoch = len(dataloader)
-    if batches_per_epoch < recipe.gradient_accumulation_steps:
-        raise ValueError(f"The training split holds fewer than {recipe.gradient_accumulation_steps} batches of "
-                         f"{recipe.batch_size_per_device} per process; lower --batch_size_per_device or use more data.")
-    return TrainingData(dataset_dict, train_dataset, dataloader, batches_per_epoch)

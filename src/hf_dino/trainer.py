@@ -13,7 +13,7 @@ copy and applies the same EMA update from the (synchronised) student.
 `set_up` (data, models, optimizer, resume), `epoch_batches`, `schedule`, `training_step`
 (the step above), `step_metrics` (logging), `evaluation_due` / `_online_knn`,
 `checkpoint_due` / `_save_checkpoint`, and `finish` (final k-NN, saved teacher).
-Its rooms: the data in `data.build_training_data`, the student and teacher in
+Its rooms: the data in `training_data`, the student and teacher in
 `student_teacher`, the process group and the engines in `distributed`, the checkpoint files in
 `checkpointing`, the CPU settings in `cpu_runtime`.
 """
@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from . import checkpointing, distributed
 from .cpu_runtime import configure_cpu_training
-from .data import MultiCropDataset, StreamingMultiCropDataset, build_training_data
+from .data import MultiCropDataset, StreamingMultiCropDataset
 from .evaluation.knn import held_out_knn
 from .loss import DinoLoss, DinoLossOutput, KoLeoLoss
 from .modeling_dino import DinoModel, training_attention_implementation
@@ -54,6 +54,7 @@ from .optimization import (
 from .recipe import DinoRecipe
 from .schedules import StepSchedule, step_schedule
 from .student_teacher import build_student_and_teacher
+from .training_data import build_training_data
 from .training_metrics import DataCounts, MetricsWindow
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import time
 import torch
 from accelerate import Accelerator
 
-from . import distributed
+from .distributed import gather_counts
 from .loss import DinoLossOutput
 
 logger = logging.getLogger(__name__)
@@ -70,14 +70,14 @@ class DataCounts:
 
     def total_skipped_images(self) -> int:
         """Images skipped so far by all processes together (collective)."""
-        self.skipped_images += sum(distributed.gather_counts(self._skipped_here, self.num_processes, self.group))
+        self.skipped_images += sum(gather_counts(self._skipped_here, self.num_processes, self.group))
         self._skipped_here = 0
         return self.skipped_images
 
     def end_epoch(self, epoch: int, images_here: int, steps: int, steps_per_epoch: int, log: bool) -> None:
         """Add the images each process trained on in `epoch` (collective); warn about a short epoch and,
         with `log`, log the counts."""
-        counts = distributed.gather_counts(images_here, self.num_processes, self.group)
+        counts = gather_counts(images_here, self.num_processes, self.group)
         self.images_per_process = [total + count for total, count in zip(self.images_per_process, counts)]
         if steps < steps_per_epoch:
             logger.warning("Epoch %d ran %d of %d steps (data exhausted on a process, or %d skipped batches so far)",

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         import gradio  # noqa: F401
     except ImportError:
         usage_error('the app needs Gradio: pip install -e ".[app]" (or pip install gradio)')
-    from ..app import DEFAULT_CACHE_DIR, build_app, load_gallery
+    from ..demo.app import DEFAULT_CACHE_DIR, build_app, load_gallery
     from ..data import looks_like_local_path
 
     if args.model and looks_like_local_path(args.model) and not Path(args.model).expanduser().is_dir():

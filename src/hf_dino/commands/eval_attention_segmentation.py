@@ -25,7 +25,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli import default_device, emit_json, load_model_or_exit, model_field, parse_args, usage_error
+from ..cli import emit_json, model_field, parse_args, usage_error
+from .model_loading import default_device, load_model_or_exit
 
 logger = logging.getLogger(__name__)
 

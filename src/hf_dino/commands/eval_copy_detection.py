@@ -18,7 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli import SearchRunArguments, default_device, emit_json, load_model_or_exit, model_field, parse_args, usage_error
+from ..cli import SearchRunArguments, emit_json, model_field, parse_args, usage_error
+from .model_loading import default_device, load_model_or_exit
 
 
 @dataclass

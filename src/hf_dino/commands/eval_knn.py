@@ -18,8 +18,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from ..cli import (DataArguments, default_device, emit_json, load_evaluation_splits, load_model_or_exit,
-                   model_field, parse_args, usage_error)
+from ..cli import DataArguments, emit_json, load_evaluation_splits, model_field, parse_args, usage_error
+from .model_loading import default_device, load_model_or_exit
 from ..evaluation import RawPixels, knn_evaluate_splits
 from ..evaluation.features import knn_feature_fn
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..cli import DataArguments, default_device, emit_json, load_evaluation_splits, load_model_or_exit, model_field, parse_args
+from ..cli import DataArguments, emit_json, load_evaluation_splits, model_field, parse_args
+from .model_loading import default_device, load_model_or_exit
 from ..data import LabelledImageDataset, collate_labelled
 from ..evaluation.linear import LinearProbeConfig, class_names, save_image_classifier, train_linear_probe
 from ..transforms import evaluation_transform, linear_probe_train_transform

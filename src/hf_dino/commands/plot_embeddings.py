@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..cli import (DataArguments, default_device, emit_json, load_evaluation_splits, load_model_or_exit,
-                   model_field, parse_args, usage_error)
+from ..cli import DataArguments, emit_json, load_evaluation_splits, model_field, parse_args, usage_error
+from .model_loading import default_device, load_model_or_exit
 
 
 @dataclass

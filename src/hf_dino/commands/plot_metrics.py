@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = metrics / "metrics.jsonl"
     if not metrics.exists():
         usage_error(f"--run {args.run}: {metrics} does not exist; pass a pretraining --output_dir or its metrics.jsonl")
-    from ..plotting import plot_metrics
+    from ..visualization.plotting import plot_metrics
 
     output = args.output or str(metrics.with_name("metrics.png"))
     panels = plot_metrics(metrics, output, args.log_scale_loss)

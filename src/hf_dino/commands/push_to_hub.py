@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
                   space_id=args.space)
     print(f"push to {args.hub_model_id}: {'done' if ok else 'FAILED (see the warning above)'}")
     if args.space:
-        from ..space import push_space, write_space
+        from ..demo.space import push_space, write_space
 
         folder = write_space(Path(args.output_dir) / "space", args.hub_model_id)
         space_ok = push_space(folder, args.space, private=args.hub_private_repo)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..cli import default_device, emit_json, load_model_or_exit, model_field, parse_args, usage_error
+from ..cli import emit_json, model_field, parse_args, usage_error
+from .model_loading import default_device, load_model_or_exit
 
 
 @dataclass
@@ -48,8 +49,8 @@ class Arguments:
 
 def main(argv: list[str] | None = None) -> None:
     (args,) = parse_args(Arguments, argv=argv, description=__doc__)
-    from ..attention import vit_backbone
-    from ..attention_video import VideoInputError, generate_attention_video, open_video
+    from ..visualization.attention import vit_backbone
+    from ..visualization.attention_video import VideoInputError, generate_attention_video, open_video
 
     try:
         open_video(args.input, args.fps)

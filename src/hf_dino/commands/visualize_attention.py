@@ -6,7 +6,7 @@
 Writes attn-head{i}.png per head and overlay.png with the masks keeping `threshold` of each
 head's attention mass (the reference's visualize_attention.py rule: the fewest most-attended
 patches holding that share); prints a JSON summary. The maps come from one forward pass that
-computes only the [CLS] row of the last block's attention (hf_dino.attention).
+computes only the [CLS] row of the last block's attention (hf_dino.visualization.attention).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli import load_model_or_exit, model_field, parse_args, usage_error
+from ..cli import model_field, parse_args, usage_error
+from .model_loading import load_model_or_exit
 
 
 @dataclass
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     (args,) = parse_args(AttentionArguments, argv=argv, description=__doc__)
     if not Path(args.image).is_file():
         usage_error(f"--image {args.image}: no such file")
-    from ..attention import (attention_mass_masks, last_block_cls_attention, save_attention_figures,
+    from ..visualization.attention import (attention_mass_masks, last_block_cls_attention, save_attention_figures,
                              upsample_to_image, vit_backbone)
     from ..data import decode_image
     from ..transforms import centre_square, evaluation_transform

@@ -8,7 +8,7 @@ For every image:
   and std, and cropped (top-left) to a multiple of the patch size p; the ground truth is
   resized to the same square (nearest) and cropped with it;
 - the ViT's last-block attention of the [CLS] token to the (S/p)^2 patches gives one map per
-  head (`hf_dino.attention.cls_attention_and_feature`: one forward per batch, SDPA up to the
+  head (`hf_dino.visualization.attention.cls_attention_and_feature`: one forward per batch, SDPA up to the
   last block, only the CLS row of the last block);
 - each head's mask keeps the fewest most-attended patches holding `threshold` of its attention
   mass (`attention_mass_masks`, the reference's rule), upsampled to pixels by nearest; the
@@ -41,7 +41,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..attention import attention_mass_masks, cls_attention_and_feature, upsample_to_image, vit_backbone
+from ..visualization.attention import attention_mass_masks, cls_attention_and_feature, upsample_to_image, vit_backbone
 from .video_segmentation import (IMAGENET_MEAN, IMAGENET_STD, DavisInputError, image_set_names, load_sequence,
                                  reference_pos_interpolation)
 

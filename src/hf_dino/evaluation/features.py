@@ -134,8 +134,6 @@ def load_frozen_backbone(name_or_path: str, device: torch.device | str = "cpu", 
     """
     from transformers import AutoConfig, AutoModel
 
-    from .. import DinoConfig  # noqa: F401  (registers DinoModel with AutoModel)
-
     config = AutoConfig.from_pretrained(name_or_path)
     if random_init:
         torch.manual_seed(seed)
