@@ -17,10 +17,8 @@ DataLoader workers and torch.compile's `aot_eager` backend (tracing without code
 Each section runs in a fresh process (forked from a server that imported torch, transformers and
 hf_dino once, and never touched the GPU) under a hard time limit; the JSON is rewritten after each
 section, so a run cut short keeps what it measured, and a section that fails or runs out of time
-records `error` and the run goes on. Time per section on one H100 (estimates, not measured: no GPU
-has run this script yet):
-
-Per section on one H100: estimated time (not measured: no GPU has run this script yet), and limit.
+records `error` and the run goes on. Per section on one H100: estimated time (not measured: no GPU
+has run this script yet), and limit.
 - machine (~20 s, limit 45 s): GPU, torch/CUDA/cuDNN, CPU; fp32 / bf16 / fp16 matmul peaks; FLOPs
   per image (counted on the CPU).
 - loss (~35 s, limit 60 s): 3 fp32 steps (TF32 off) of hf_dino, of hf_dino with the reference's

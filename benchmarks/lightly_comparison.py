@@ -1,30 +1,41 @@
 #!/usr/bin/env python
-"""hf_dino next to lightly's DINO at equal training: the same images, backbone, epochs and crops.
+"""hf_dino next to lightly's DINO at equal training: the same images, recipe, initial weights and evaluation.
 
 lightly (https://github.com/lightly-ai/lightly) is the library hf_dino's users would otherwise
-pick. Its DINO is assembled from `DINOProjectionHead`, `DINOLoss`, `DINOTransform` and
-`update_momentum` in a training loop written as its DINO example writes it (each view through
-the student separately, the momentum update at the start of the step); hf_dino's is
-`DinoTrainer`, the library's own loop. Both get the same hyper-parameters from one hf_dino recipe
-(`--config`, the CPU demo's by default): backbone module (built by hf_dino: a transformers
-`ViTModel` or the CIFAR-stem `CifarResNetModel`), head sizes, batch norm in the head, K,
-temperatures, centre momentum, teacher-momentum schedule, AdamW with the same lr warm-up + cosine
-and weight-decay schedules (no decay on biases and norms), per-parameter gradient clipping,
-frozen-last-layer epochs, crop sizes, scales and numbers, colour jitter, blur, solarisation;
-batch size and data-loading workers. Each run trains `--epochs` epochs on the 10,000 demo
-images from scratch, then its teacher backbone is scored with the same 20-NN (T 0.07, CLS /
-pooled feature, whole 32 px images) on held-out CIFAR-10 test images (`demo_knn.py`'s `test`
-split: bank = the 10,000 training images). images/s = images trained / the training loop's
-wall time (data loading included, evaluation excluded).
+pick. Its DINO is assembled from `DINOProjectionHead`, `DINOLoss`, `KoLeoLoss`, `DINOTransform`
+and `update_momentum` in a training loop written as its DINO example writes it (each view through
+the student separately, the momentum update at the start of the step); hf_dino's is `DinoTrainer`,
+the library's own loop. Both get every hyper-parameter from one hf_dino recipe (`--config`, the CPU
+demo's by default, trained as it ships: its epochs, warm-up and evaluation size unless overridden):
+backbone module (built by hf_dino: a transformers `ViTModel` or the CIFAR-stem `CifarResNetModel`),
+head sizes, batch norm in the head, K, temperatures, centre momentum, teacher-momentum schedule,
+KoLeo weight, AdamW with the same lr warm-up + cosine and weight-decay schedules (no decay on biases
+and norms), per-parameter gradient clipping, frozen-last-layer epochs, crop sizes, scales and
+numbers, colour jitter, blur, solarisation; batch size and data-loading workers.
+
+Both start from the same weights: lightly's student and teacher (backbone and head) are loaded
+with the initial student that hf_dino's `build_student_and_teacher` draws for the seed after
+`set_seed(seed)`, as `DinoTrainer` does (for the demo ViT: the recipe's sine-cosine position
+embeddings and mimetic attention). The JSON records a checksum of each library's initial backbone.
+
+Each run trains on the 10,000 demo images from scratch; its teacher backbone is exported as
+hf_dino saves one (a ViT's position embeddings resampled to the recipe's `eval_image_size`) and
+scored with the same 20-NN (T 0.07, CLS / pooled feature, whole 32 px images resized to that size)
+on held-out CIFAR-10 test images (`demo_knn.py`'s `test` split: bank = the 10,000 training images),
+and at 32 px as well. images/s = images trained / the training loop's wall time (data loading
+included, evaluation excluded).
 
 It needs torchvision and lightly beside hf_dino (torchvision cannot be imported beside
 torch 2.13.0+cpu; torch 2.14.1 + torchvision 0.29.1 work):
 
     python -m venv ../lightly_env && ../lightly_env/bin/pip install torch==2.14.1 torchvision==0.29.1 lightly
     ../lightly_env/bin/pip install -e .
-    ../lightly_env/bin/python -m benchmarks.lightly_comparison --cifar10_dir ../shared/data/cifar10 \\
-        --variants demo_vit cifar_resnet --seeds 0 1 2 --epochs 1 --warmup_steps 30 --resnet_width 16 \\
-        --output_json lightly_comparison.json
+    ../lightly_env/bin/python -m benchmarks.lightly_comparison --cifar10_dir CIFAR10_DIR \\
+        --variants demo_vit --seeds 0 1 2 --num_threads 1 --output_json docs/lightly_comparison.json
+
+(`--num_threads 1`: on a machine shared with other jobs, two torch threads per process oversubscribe
+the cores and every run slows down many times; on a quiet machine leave it out to time both libraries
+at full speed.)
 """
 
 from __future__ import annotations
@@ -51,9 +62,11 @@ VARIANTS = {
 }
 
 
-def variant_recipe(config: str, variant: str, seed: int, epochs: int, resnet_width: int | None, output_dir: Path,
-                   max_steps: int | None = None, warmup_steps: int | None = None):
-    """The recipe both libraries train with."""
+def variant_recipe(config: str, variant: str, seed: int, epochs: int | None, resnet_width: int | None,
+                   output_dir: Path, max_steps: int | None = None, warmup_steps: int | None = None,
+                   num_threads: int | None = None):
+    """The recipe both libraries train with: `config` as it ships, the variant's architecture, and only the
+    overrides given (`epochs` / `warmup_steps` / `max_steps` None: the recipe's own)."""
     import dataclasses
 
     from hf_dino.recipe import parse_recipe
@@ -64,21 +77,61 @@ def variant_recipe(config: str, variant: str, seed: int, epochs: int, resnet_wid
         values["hidden_size"] = resnet_width
     if warmup_steps is not None:
         values["warmup_steps"] = warmup_steps
-    values.update(seed=seed, epochs=epochs, max_steps=max_steps, output_dir=str(output_dir), eval_every=None,
+    if epochs is not None:
+        values["epochs"] = epochs
+    if num_threads is not None:
+        values["num_threads"] = num_threads
+    values.update(seed=seed, max_steps=max_steps, output_dir=str(output_dir), eval_every=None,
                   knn_eval_at_end=False, report_to=None, push_to_hub=False, checkpointing_steps=None)
     recipe = dataclasses.replace(recipe, **values)
     recipe.validate()
     return recipe
 
 
-def train_hf_dino(recipe) -> tuple[torch.nn.Module, float, int]:
-    """(teacher backbone, training seconds, images trained) of hf_dino's trainer."""
-    from hf_dino.evaluation import load_frozen_backbone
-    from hf_dino.trainer import DinoTrainer
+def checksum(module: torch.nn.Module) -> str:
+    """SHA-1 of a module's parameters and buffers (names and values, float32): equal weights, equal sums."""
+    import hashlib
 
-    results = DinoTrainer(recipe).train()
+    digest = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def initial_student(recipe):
+    """The student hf_dino's trainer starts from: `build_student_and_teacher` right after `set_seed`."""
+    from accelerate.utils import set_seed
+
+    from hf_dino.student_teacher import build_student_and_teacher
+
+    set_seed(recipe.seed)
+    student, _ = build_student_and_teacher(recipe)
+    return student
+
+
+def train_hf_dino(recipe) -> tuple[torch.nn.Module, float, int, str | None]:
+    """(teacher backbone as saved, training seconds, images trained, checksum of the initial backbone)
+    of hf_dino's trainer. The checksum is taken from the student the trainer itself builds."""
+    import hf_dino.trainer as trainer_module
+    from hf_dino.evaluation import load_frozen_backbone
+
+    built = {}
+    build = getattr(trainer_module, "build_student_and_teacher", None)
+    if build is not None:  # record what the trainer starts from, without changing it
+        def recording_build(*args, **kwargs):
+            student, teacher = build(*args, **kwargs)
+            built["backbone"] = checksum(student.backbone)
+            return student, teacher
+
+        trainer_module.build_student_and_teacher = recording_build
+    try:
+        results = trainer_module.DinoTrainer(recipe).train()
+    finally:
+        if build is not None:
+            trainer_module.build_student_and_teacher = build
     model, _ = load_frozen_backbone(str(Path(recipe.output_dir) / "teacher_backbone"))
-    return model, results["train_time_s"], sum(results["images_per_process"])
+    return model, results["train_time_s"], sum(results["images_per_process"]), built.get("backbone")
 
 
 class DemoImages(torch.utils.data.Dataset):
@@ -109,38 +162,56 @@ class LightlyDino(torch.nn.Module):
                                        batch_norm=recipe.use_bn_in_head, freeze_last_layer=recipe.freeze_last_layer,
                                        norm_last_layer=recipe.norm_last_layer)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(backbone features, head logits) of one view."""
         from hf_dino.evaluation.features import backbone_cls_features
 
-        return self.head(backbone_cls_features(self.backbone, pixel_values))
+        features = backbone_cls_features(self.backbone, pixel_values)
+        return features, self.head(features)
 
 
-def train_lightly(recipe) -> tuple[torch.nn.Module, float, int]:
-    """(teacher backbone, training seconds, images trained) of lightly's DINO on the recipe."""
-    from lightly.loss import DINOLoss
+def load_hf_dino_head_(head: torch.nn.Module, hf_dino_head: torch.nn.Module) -> None:
+    """Give lightly's `DINOProjectionHead` the weights of hf_dino's `DinoHead`: the MLP's linear and
+    batch-norm layers in order (lightly's linear layers before a batch norm have no bias; hf_dino's
+    are zero at initialisation and cancelled by the batch norm), then the last layer's g and v."""
+    mine = [m for m in head.layers.modules() if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))]
+    theirs = [m for m in hf_dino_head.mlp.modules() if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))]
+    if [type(m) for m in mine] != [type(m) for m in theirs]:
+        raise ValueError("lightly's and hf_dino's heads differ in structure")
+    with torch.no_grad():
+        for target, source in zip(mine, theirs):
+            for name, tensor in source.state_dict().items():
+                if name in target.state_dict():
+                    target.state_dict()[name].copy_(tensor)
+                elif name == "bias" and tensor.abs().max() > 0:
+                    raise ValueError("hf_dino's head has a non-zero bias where lightly's has none")
+        head.last_layer.weight_g.copy_(hf_dino_head.last_layer.parametrizations.weight.original0)
+        head.last_layer.weight_v.copy_(hf_dino_head.last_layer.parametrizations.weight.original1)
+
+
+def train_lightly(recipe) -> tuple[torch.nn.Module, float, int, str]:
+    """(teacher backbone, training seconds, images trained, checksum of the initial backbone) of
+    lightly's DINO on the recipe, starting from hf_dino's initial student (`initial_student`)."""
+    from lightly.loss import DINOLoss, KoLeoLoss
     from lightly.models.utils import update_momentum
     from lightly.transforms import DINOTransform
     from lightly.utils.scheduler import cosine_schedule
 
     from hf_dino.data import DEMO_DATASET_DIR
-    from hf_dino.modeling_dino import DinoModel
     from hf_dino.optimization import clip_gradients_per_parameter
-    from hf_dino.student_teacher import build_dino_config
 
-    torch.manual_seed(recipe.seed)
-    dino_config = build_dino_config(recipe, 0.0)
-    backbone = DinoModel(dino_config).backbone  # built first, so from the same seeded stream as hf_dino's
-    if dino_config.backbone_config.model_type == "vit":  # as hf_dino's `build_student_and_teacher`
-        from hf_dino.student_teacher import initialize_vit_backbone_
-
-        initialize_vit_backbone_(backbone, recipe)
-    feature_dim = dino_config.backbone_feature_dim
+    start_model = initial_student(recipe)  # backbone (sincos / mimetic for the demo ViT) and head
+    backbone = start_model.backbone
+    initial_checksum = checksum(backbone)
+    feature_dim = start_model.config.backbone_feature_dim
     student = LightlyDino(backbone, recipe, feature_dim)
+    load_hf_dino_head_(student.head, start_model.head)
     # As lightly's DINO example: the teacher's head is built anew (its weight-normalised last layer cannot
     # be deep-copied); here it then takes the student's weights, so both start equal as in the paper.
     teacher = LightlyDino(copy.deepcopy(backbone), recipe, feature_dim)
     teacher.head.load_state_dict(student.head.state_dict())
     teacher.requires_grad_(False)
+    torch.manual_seed(recipe.seed)
     brightness, contrast, saturation, hue = recipe.color_jitter
     transform = DINOTransform(
         global_crop_size=recipe.global_crop_size, global_crop_scale=tuple(recipe.global_crops_scale),
@@ -157,6 +228,7 @@ def train_lightly(recipe) -> tuple[torch.nn.Module, float, int]:
     criterion = DINOLoss(output_dim=recipe.out_dim, warmup_teacher_temp=recipe.warmup_teacher_temp,
                          teacher_temp=recipe.teacher_temp, warmup_teacher_temp_epochs=recipe.warmup_teacher_temp_epochs,
                          student_temp=recipe.student_temp, center_momentum=recipe.center_momentum)
+    koleo = KoLeoLoss()  # DINOv2's, on each global crop's student backbone features, as hf_dino applies it
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim > 1]},
                                    {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}])
@@ -177,9 +249,12 @@ def train_lightly(recipe) -> tuple[torch.nn.Module, float, int]:
                 step, total_steps, recipe.weight_decay, recipe.weight_decay_end))
             optimizer.param_groups[1].update(lr=lr)
             with torch.no_grad():
-                teacher_out = [teacher(view) for view in views[:2]]
-            student_out = [student(view) for view in views]
-            loss = criterion(teacher_out, student_out, epoch=epoch)
+                teacher_out = [teacher(view)[1] for view in views[:2]]
+            student_features, student_out = zip(*(student(view) for view in views))
+            loss = criterion(teacher_out, list(student_out), epoch=epoch)
+            if recipe.koleo_loss_weight > 0:
+                loss = loss + recipe.koleo_loss_weight * torch.stack(
+                    [koleo(features) for features in student_features[:2]]).mean()
             loss.backward()
             if recipe.clip_grad > 0:
                 clip_gradients_per_parameter(trainable, recipe.clip_grad)
@@ -190,13 +265,25 @@ def train_lightly(recipe) -> tuple[torch.nn.Module, float, int]:
                 raise RuntimeError(f"lightly's loss is {loss.item()} at step {step}")
             step += 1
             images += views[0].shape[0]
-    return teacher.backbone.eval(), time.perf_counter() - start, images
+    return teacher.backbone.eval(), time.perf_counter() - start, images, initial_checksum
 
 
-def knn_top1(model: torch.nn.Module, bank, queries) -> float:
+def exported_backbone(backbone: torch.nn.Module, recipe) -> torch.nn.Module:
+    """The backbone as hf_dino saves a teacher: a ViT takes `recipe.evaluation_image_size` px natively."""
+    from transformers import ViTModel
+
+    from hf_dino.hub import exportable_vit
+
+    if isinstance(backbone, ViTModel):
+        return exportable_vit(backbone, recipe.evaluation_image_size).eval()
+    return backbone
+
+
+def knn_top1(model: torch.nn.Module, bank, queries, image_size: int) -> float:
+    """20-NN top-1 (T 0.07) of whole images resized to `image_size` px."""
     from hf_dino.evaluation import knn_evaluate_splits
 
-    result = knn_evaluate_splits(model.eval(), bank, queries, crop_size=32, ks=(20,), temperature=0.07,
+    result = knn_evaluate_splits(model.eval(), bank, queries, crop_size=image_size, ks=(20,), temperature=0.07,
                                  resize_ratio=1.0)
     return result["top1"]
 
@@ -213,12 +300,15 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--libraries", nargs="+", default=["hf_dino", "lightly"], choices=["hf_dino", "lightly"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=1, help="training epochs of every run")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs of every run (unset: the recipe's)")
     parser.add_argument("--warmup_steps", type=int, default=None,
-                        help="learning-rate warm-up of every run in steps (unset: the recipe's, one epoch for the demo's)")
+                        help="learning-rate warm-up of every run in steps (unset: the recipe's warmup_epochs)")
     parser.add_argument("--max_steps", type=int, default=None, help="stop every run after this many steps (smoke tests)")
     parser.add_argument("--resnet_width", type=int, default=None,
                         help="cifar_resnet's first-stage width (ResNet-18: 64; unset: the recipe's hidden_size or 64)")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="torch threads of both libraries' training and of the k-NN (unset: the recipe's, "
+                             "else all cores); 1 keeps a shared machine from oversubscribing")
     parser.add_argument("--work_dir", type=Path, default=None, help="run folders and query sets (default: a temporary one)")
     parser.add_argument("--output_json", type=Path)
     args = parser.parse_args()
@@ -234,6 +324,8 @@ def main() -> None:
     from hf_dino.data import DEMO_DATASET_DIR
 
     logging.basicConfig(level=logging.WARNING)
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
     datasets.disable_progress_bars()
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="lightly_comparison_"))
     queries = held_out_queries(args.cifar10_dir, work_dir / "queries")
@@ -247,23 +339,45 @@ def main() -> None:
             for library in args.libraries:
                 recipe = variant_recipe(args.config, variant, seed, args.epochs, args.resnet_width,
                                         work_dir / f"{variant}_{library}_{seed}", args.max_steps,
-                                        args.warmup_steps)
+                                        args.warmup_steps, args.num_threads)
                 wall = time.perf_counter()
-                model, seconds, images = (train_hf_dino if library == "hf_dino" else train_lightly)(recipe)
-                top1 = knn_top1(model, bank, test)
-                run = {"variant": variant, "library": library, "seed": seed, "epochs": args.epochs,
+                model, seconds, images, initial = (train_hf_dino if library == "hf_dino" else train_lightly)(recipe)
+                model = exported_backbone(model, recipe)  # hf_dino's is loaded as saved: already exported
+                size = recipe.evaluation_image_size
+                top1 = knn_top1(model, bank, test, size)
+                top1_32 = knn_top1(model, bank, test, 32)
+                run = {"variant": variant, "library": library, "seed": seed, "epochs": recipe.epochs,
+                       "warmup_steps": recipe.warmup_steps, "warmup_epochs": recipe.warmup_epochs,
+                       "koleo_loss_weight": recipe.koleo_loss_weight, "initial_backbone_sha1": initial,
+                       "torch_threads": torch.get_num_threads(),
                        "images": images, "train_s": round(seconds, 1), "img_per_s": round(images / seconds, 2),
-                       "knn_top1": round(top1, 2), "wall_s": round(time.perf_counter() - wall, 1)}
+                       "eval_image_size": size, "knn_top1": round(top1, 2), "knn_top1_32px": round(top1_32, 2),
+                       "wall_s": round(time.perf_counter() - wall, 1)}
                 runs.append(run)
                 print(json.dumps(run), flush=True)
-    print("\n| variant | library | 20-NN top-1 (test) | images/s | runs |\n| --- | --- | --- | --- | --- |")
+    print("\n| variant | library | 20-NN top-1 (test) | at 32 px | images/s | runs |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for variant in args.variants:
         for library in args.libraries:
             mine = [run for run in runs if run["variant"] == variant and run["library"] == library]
             print(f"| {variant} | {library} | {mean_sd([r['knn_top1'] for r in mine])} | "
-                  f"{mean_sd([r['img_per_s'] for r in mine])} | {len(mine)} |")
+                  f"{mean_sd([r['knn_top1_32px'] for r in mine])} | {mean_sd([r['img_per_s'] for r in mine])} | "
+                  f"{len(mine)} |")
+    paired = {}
+    if set(args.libraries) == {"hf_dino", "lightly"}:
+        for variant in args.variants:
+            by_seed = {(r["library"], r["seed"]): r for r in runs if r["variant"] == variant}
+            differences = [by_seed["hf_dino", seed]["knn_top1"] - by_seed["lightly", seed]["knn_top1"]
+                           for seed in args.seeds]
+            same_start = all(by_seed["hf_dino", seed]["initial_backbone_sha1"]
+                             == by_seed["lightly", seed]["initial_backbone_sha1"] for seed in args.seeds)
+            paired[variant] = {"hf_dino_minus_lightly": [round(d, 2) for d in differences],
+                               "mean_sd": mean_sd(differences), "same_initial_backbone": same_start}
+            print(f"{variant}: hf_dino - lightly per seed {paired[variant]['hf_dino_minus_lightly']}, "
+                  f"{paired[variant]['mean_sd']}; same initial backbone on every seed: {same_start}")
     if args.output_json:
-        args.output_json.write_text(json.dumps({"machine": machine, "lightly": lightly.__version__, "runs": runs},
+        args.output_json.write_text(json.dumps({"machine": machine, "lightly": lightly.__version__,
+                                                "config": args.config, "runs": runs, "paired": paired},
                                                indent=2) + "\n")
 
 

@@ -17,7 +17,7 @@ import pytest
 from hf_dino import cli
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 COMMAND = re.compile(r"(?:scripts/(\w+)\.py|hf-dino-([\w-]+))(?=\s|$)")
 
 
@@ -28,7 +28,9 @@ class Parsed(Exception):
 def shell_lines(text: str):
     """(line, variables, inline) for each logical line of each fenced block and each inline code
     span (an inline span naming a script without arguments is a reference, not a command)."""
-    for block in re.findall(r"```(?:bash|sh|shell|console)?\n(.*?)```", text, flags=re.S):
+    for language, block in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S):  # every block, in order
+        if language not in ("", "bash", "sh", "shell", "console"):
+            continue
         variables = {}
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" # ")[0].split("\t#")[0].strip()
