@@ -44,3 +44,12 @@ def decoded(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(data_module, "read_image", recording_read_image)
     return levels
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_vit(tmp_path_factory):
+    """A folder holding a tiny ViT (width 48, 2 blocks, 3 heads, 32 px images, patch 8): the model of
+    the image-search tests (retrieval, copy detection)."""
+    folder = tmp_path_factory.mktemp("vit")
+    tiny_vit(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, image_size=32, patch_size=8, save_to=folder)
+    return folder

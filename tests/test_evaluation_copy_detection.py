@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-import conftest
 from hf_dino.commands.eval_copy_detection import main
 from hf_dino.evaluation.copy_detection import (block_mean_average_precision, fit_whitening, gem,
                                                holidays_average_precision, read_layout)
@@ -87,14 +86,6 @@ def copydays_root(tmp_path):
     return tmp_path / "copydays"
 
 
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("vit")
-    conftest.tiny_vit(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, image_size=32, patch_size=8,
-                      save_to=folder)
-    return folder
-
-
 def independent_scores(model_dir: Path, root: Path, imsize: int) -> dict:
     """numpy / PIL path: square bicubic resize, CLS ++ (mean(x^4))^(1/4), whitening by numpy's eigh,
     full similarity, top 20, Holidays AP; positives by the first four characters."""
@@ -142,16 +133,16 @@ def independent_scores(model_dir: Path, root: Path, imsize: int) -> dict:
     return scores
 
 
-def test_end_to_end_on_copies_of_davis_frames(tiny_vit, copydays_root, tmp_path, capsys):
+def test_end_to_end_on_copies_of_davis_frames(saved_tiny_vit, copydays_root, tmp_path, capsys):
     whitening = copydays_root / "whitening"
     output = tmp_path / "copydays.json"
-    main(["--model", str(tiny_vit), "--data_path", str(copydays_root), "--imsize", "64", "--whitening_data",
+    main(["--model", str(saved_tiny_vit), "--data_path", str(copydays_root), "--imsize", "64", "--whitening_data",
           str(whitening), "--num_workers", "0", "--batch_size", "4", "--output_json", str(output)])
     result = json.loads(capsys.readouterr().out)
     assert json.loads(output.read_text()) == result
     assert {"mAP", "mAP_jpegqual/20", "mAP_crops/50"} <= set(result)
     assert result["num_database"] == 10 and result["num_queries"]["strong"] == 12
-    expected = independent_scores(tiny_vit, copydays_root, 64)
+    expected = independent_scores(saved_tiny_vit, copydays_root, 64)
     assert result["mAP"] == pytest.approx(expected["strong"], abs=0.01)
     assert result["mAP_jpegqual/20"] == pytest.approx(expected["jpegqual/20"], abs=0.01)
     assert result["mAP_crops/50"] == pytest.approx(expected["crops/50"], abs=0.01)
@@ -171,7 +162,7 @@ def test_layout_blocks_and_positives(copydays_root):
     ("orphan_query", 2, "999901.jpg: no original shares"),
     ("unreadable", 1, "200101.jpg: cannot read"),
 ])
-def test_bad_input(tiny_vit, copydays_root, tmp_path, capsys, breakage, code, message):
+def test_bad_input(saved_tiny_vit, copydays_root, tmp_path, capsys, breakage, code, message):
     import shutil
 
     if breakage == "no_strong":
@@ -185,7 +176,7 @@ def test_bad_input(tiny_vit, copydays_root, tmp_path, capsys, breakage, code, me
         (copydays_root / "strong" / "200101.jpg").write_bytes(b"\xff\xd8\xff garbage")
     output = tmp_path / "out.json"
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", str(tiny_vit), "--data_path", str(copydays_root), "--imsize", "32", "--num_workers", "0",
+        main(["--model", str(saved_tiny_vit), "--data_path", str(copydays_root), "--imsize", "32", "--num_workers", "0",
               "--output_json", str(output)])
     captured = capsys.readouterr()
     assert exit_info.value.code == code and message in captured.err

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-import conftest
 from hf_dino.commands.eval_image_retrieval import main
 from hf_dino.evaluation.retrieval import ThumbnailTransform, multiscale_cls_feature
 from hf_dino.evaluation.revisitop import compute_map, load_ground_truth
@@ -42,14 +41,6 @@ def test_multiscale_is_the_normalised_mean_over_three_scales():
     # scales 1, 1/sqrt(2), 1/2: heights 64, 45, 32 and widths 96, 67, 48 (floored)
     expected = np.array([(64 + 45 + 32) / 3, (96 + 67 + 48) / 3, 1.0])
     np.testing.assert_allclose(feature.numpy()[0], expected / np.linalg.norm(expected), rtol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("vit")
-    conftest.tiny_vit(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, image_size=32, patch_size=8,
-                      save_to=folder)
-    return folder
 
 
 def build_davis_retrieval(root: Path) -> None:
@@ -108,12 +99,12 @@ def whole_matrix_scores(model_dir: Path, root: Path, imsize: int) -> dict:
             for protocol in "EMH"}
 
 
-def test_end_to_end_on_davis_frames(tiny_vit, davis_root, tmp_path, capsys):
+def test_end_to_end_on_davis_frames(saved_tiny_vit, davis_root, tmp_path, capsys):
     output = tmp_path / "result.json"
-    result = run(["--model", str(tiny_vit), "--data_path", str(davis_root), "--dataset", "davis", "--imsize", "64",
+    result = run(["--model", str(saved_tiny_vit), "--data_path", str(davis_root), "--dataset", "davis", "--imsize", "64",
                   "--num_workers", "0", "--output_json", str(output)], capsys)
     assert JSON_KEYS <= set(result) and json.loads(output.read_text()) == result
-    expected = whole_matrix_scores(tiny_vit, davis_root, 64)
+    expected = whole_matrix_scores(saved_tiny_vit, davis_root, 64)
     for protocol in "EMH":
         assert result[f"mAP_{protocol}"] == pytest.approx(expected[protocol], abs=0.01)
     # the two sequences (a swan on water, a car on a road) are told apart even by a random ViT
@@ -121,8 +112,8 @@ def test_end_to_end_on_davis_frames(tiny_vit, davis_root, tmp_path, capsys):
     assert all(0 <= result[key] <= 100 for key in JSON_KEYS)
 
 
-def test_multiscale_and_feature_cache(tiny_vit, davis_root, tmp_path, capsys):
-    argv = ["--model", str(tiny_vit), "--data_path", str(davis_root), "--dataset", "davis", "--imsize", "64",
+def test_multiscale_and_feature_cache(saved_tiny_vit, davis_root, tmp_path, capsys):
+    argv = ["--model", str(saved_tiny_vit), "--data_path", str(davis_root), "--dataset", "davis", "--imsize", "64",
             "--multiscale", "--num_workers", "0", "--features_cache", str(tmp_path / "cache")]
     first = run(argv, capsys)
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
@@ -131,21 +122,21 @@ def test_multiscale_and_feature_cache(tiny_vit, davis_root, tmp_path, capsys):
     assert run(argv, capsys) == first
 
 
-def test_ground_truth_naming_a_missing_image(tiny_vit, davis_root, tmp_path, capsys):
+def test_ground_truth_naming_a_missing_image(saved_tiny_vit, davis_root, tmp_path, capsys):
     (davis_root / "davis" / "jpg" / "car-shadow_00010.jpg").unlink()
     output = tmp_path / "result.json"
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", str(tiny_vit), "--data_path", str(davis_root), "--dataset", "davis",
+        main(["--model", str(saved_tiny_vit), "--data_path", str(davis_root), "--dataset", "davis",
               "--output_json", str(output)])
     assert exit_info.value.code == 2 and not output.exists()
     assert "car-shadow_00010.jpg" in capsys.readouterr().err
 
 
-def test_unreadable_image_stops_without_a_score(tiny_vit, davis_root, tmp_path, capsys):
+def test_unreadable_image_stops_without_a_score(saved_tiny_vit, davis_root, tmp_path, capsys):
     (davis_root / "davis" / "jpg" / "blackswan_00010.jpg").write_bytes(b"\xff\xd8 truncated")
     output = tmp_path / "result.json"
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", str(tiny_vit), "--data_path", str(davis_root), "--dataset", "davis", "--imsize", "64",
+        main(["--model", str(saved_tiny_vit), "--data_path", str(davis_root), "--dataset", "davis", "--imsize", "64",
               "--num_workers", "0", "--output_json", str(output)])
     captured = capsys.readouterr()
     assert exit_info.value.code == 1 and not output.exists() and "mAP" not in captured.out
@@ -156,12 +147,12 @@ def test_unreadable_image_stops_without_a_score(tiny_vit, davis_root, tmp_path, 
     ("empty", "gnd_davis.pkl"),
     ("malicious", "refusing to load"),
 ])
-def test_bad_dataset_folders(tmp_path, tiny_vit, capsys, setup, message):
+def test_bad_dataset_folders(tmp_path, saved_tiny_vit, capsys, setup, message):
     folder = tmp_path / "davis"
     (folder / "jpg").mkdir(parents=True)
     if setup == "malicious":
         (folder / "gnd_davis.pkl").write_bytes(b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode() + b"'\ntR.")
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", str(tiny_vit), "--data_path", str(tmp_path), "--dataset", "davis"])
+        main(["--model", str(saved_tiny_vit), "--data_path", str(tmp_path), "--dataset", "davis"])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists()
