@@ -394,6 +394,7 @@ for name, p in student.named_parameters():
     torch.testing.assert_close(teacher_params[name].full_tensor(), expected, rtol=1e-6, atol=1e-7)
 if dist.get_rank() == 0:
     print("SHARDED OK", flush=True)
+dist.barrier()  # both processes done with gloo before either tears its group down
 dist.destroy_process_group()
 '''
 
