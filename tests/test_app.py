@@ -285,7 +285,7 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float) -> None:
 def test_space_folder_app_runs_locally(tmp_path, tiny_model, query_image):
     """The generated folder's own app.py, with its vendored hf_dino, served and queried."""
     folder = write_space(tmp_path / "space", str(tiny_model))
-    assert (folder / "hf_dino" / "app.py").read_text() == Path(app_module.__file__).read_text()
+    assert (folder / "hf_dino" / "demo" / "app.py").read_text() == Path(app_module.__file__).read_text()
     assert (folder / "hf_dino" / "demo_data" / "cifar10" / "test.parquet").is_file()
     assert not (folder / "hf_dino" / "demo_data" / "cifar10" / "train.parquet").exists()
     port = free_port()
