@@ -78,7 +78,7 @@ class Arguments:
 
 def main(argv: list[str] | None = None) -> None:
     (args,) = parse_args(Arguments, argv=argv, description=__doc__)
-    from ..attention import vit_backbone
+    from ..visualization.attention import vit_backbone
     from ..evaluation.attention_segmentation import (SegmentationInputError, davis_samples, detect_layout,
                                                      evaluate_attention_segmentation, voc_samples)
 
