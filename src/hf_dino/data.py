@@ -225,10 +225,7 @@ class LabelledImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset: datasets.Dataset, transform: Callable, image_column: str = "image",
                  label_column: str = "label"):
-        if dataset.features is not None and label_column not in dataset.features:
-            raise KeyError(f"--label_column {label_column!r} not in the dataset's columns "
-                           f"({', '.join(dataset.features)}); pass the right --label_column.")
-        self.dataset = prepare_image_column(dataset, image_column)
+        self.dataset = prepare_labelled_columns(dataset, image_column, label_column)
         self.transform = transform
         self.image_column = image_column
         self.label_column = label_column
@@ -237,11 +234,23 @@ class LabelledImageDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict | None:
-        row = self.dataset[index]
-        image = decode_image(row[self.image_column])
-        if image is None:
-            return None
-        return {"pixel_values": self.transform(image=image)["image"], "label": int(row[self.label_column])}
+        return labelled_sample(self.dataset[index], self.transform, self.image_column, self.label_column)
+
+
+def prepare_labelled_columns(dataset, image_column: str, label_column: str):
+    """`prepare_image_column`, after checking that `label_column` exists (a one-line KeyError if not)."""
+    if dataset.features is not None and label_column not in dataset.features:
+        raise KeyError(f"--label_column {label_column!r} not in the dataset's columns "
+                       f"({', '.join(dataset.features)}); pass the right --label_column.")
+    return prepare_image_column(dataset, image_column)
+
+
+def labelled_sample(row: dict, transform: Callable, image_column: str, label_column: str) -> dict | None:
+    """A dataset row -> {"pixel_values": (3, S, S), "label": int}, or None when its image is undecodable."""
+    image = decode_image(row[image_column])
+    if image is None:
+        return None
+    return {"pixel_values": transform(image=image)["image"], "label": int(row[label_column])}
 
 
 def collate_labelled(samples: list[dict | None]) -> dict:
@@ -342,10 +351,7 @@ class StreamingLabelledImageDataset(torch.utils.data.IterableDataset):
                  label_column: str = "label", rank: int = 0, world_size: int = 1):
         from datasets.distributed import split_dataset_by_node
 
-        if dataset.features is not None and label_column not in dataset.features:
-            raise KeyError(f"--label_column {label_column!r} not in the dataset's columns "
-                           f"({', '.join(dataset.features)}); pass the right --label_column.")
-        dataset = prepare_image_column(dataset, image_column)
+        dataset = prepare_labelled_columns(dataset, image_column, label_column)
         self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size) if world_size > 1 else dataset
         self.transform = transform
         self.image_column = image_column
@@ -353,9 +359,7 @@ class StreamingLabelledImageDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         for row in self.dataset:
-            image = decode_image(row[self.image_column])
-            yield None if image is None else {"pixel_values": self.transform(image=image)["image"],
-                                              "label": int(row[self.label_column])}
+            yield labelled_sample(row, self.transform, self.image_column, self.label_column)
 
 
 def streamed_split_length(dataset) -> int | None:

@@ -437,8 +437,11 @@ def default_recipe_file(argv: list[str]) -> str | None:
     gets the CIFAR demo's 32 px crops, 3-block ViT and DINOv2 options unasked."""
     from .cli import config_path_from_argv
 
-    names_a_dataset = any(arg == "--dataset_name" or arg.startswith("--dataset_name=") for arg in argv)
-    return None if config_path_from_argv(argv) is not None or names_a_dataset else DEFAULT_CONFIG
+    return None if config_path_from_argv(argv) is not None or _names_a_dataset(argv) else DEFAULT_CONFIG
+
+
+def _names_a_dataset(argv: list[str]) -> bool:
+    return any(arg == "--dataset_name" or arg.startswith("--dataset_name=") for arg in argv)
 
 
 def recipe_sources(argv: list[str], default_config: str | Path | None = None) -> str:
@@ -464,9 +467,10 @@ def recipe_sources(argv: list[str], default_config: str | Path | None = None) ->
                 from_flags.append(field_name)
     from_file = [name for name in from_file if name not in from_flags]
     if config_file is None:
-        why = "--dataset_name without --config" if any(a.startswith("--dataset_name") for a in argv) else "no --config"
+        why = "--dataset_name without --config" if _names_a_dataset(argv) else "no --config"
         head = f"Recipe: DinoRecipe's defaults, the paper's ViT-S/16 ({why})"
     else:
         why = "the packaged default: no --config and no --dataset_name" if config is None else "--config"
         head = f"Recipe: {config_file.stem} ({why}); from {config_file}: {', '.join(from_file) or 'nothing'}"
-    return f"{head}; from flags: {', '.join(from_flags) or 'none'}; every other value: DinoRecipe's default (the paper's)"
+    return (f"{head}; from flags: {', '.join(from_flags) or 'none'}; "
+            "every other value: DinoRecipe's default (the paper's)")

@@ -285,11 +285,11 @@ class DinoTrainer:
             student_output = run.student_forward(crops)
             output = run.dino_loss(student_output.logits, teacher_logits, schedule.teacher_temp)
             total_loss = output.loss
-            if recipe.koleo_loss_weight > 0:  # on each global crop's features separately, as DINOv2, but over
-                # the global batch (every process's rows), so that the run does not depend on the process count
-                global_features = student_output.features[:teacher_logits.shape[0]].chunk(len(crops[:2]))
-                output.koleo_loss = torch.stack([run.koleo_loss(distributed.gather_rows_with_gradients(features))
-                                                 for features in global_features]).mean()
+            if recipe.koleo_loss_weight > 0:  # each global crop's features separately, as DINOv2, over the global
+                # batch (every process's images, both crops in one gather): the run does not depend on the process count
+                per_image = student_output.features[:teacher_logits.shape[0]].unflatten(0, (2, -1)).transpose(0, 1)
+                global_crops = distributed.gather_rows_with_gradients(per_image).transpose(0, 1)  # (2, N, D)
+                output.koleo_loss = torch.stack([run.koleo_loss(features) for features in global_crops]).mean()
                 total_loss = total_loss + recipe.koleo_loss_weight * output.koleo_loss
             accelerator.backward(total_loss)
             run.dino_loss.accumulate_center(teacher_logits)
@@ -435,7 +435,7 @@ class DinoTrainer:
                            ks=(recipe.knn_k,), temperature=recipe.knn_temperature, image_column=recipe.image_column,
                            num_workers=recipe.num_workers, device=accelerator.device,
                            max_train_samples=recipe.knn_max_train_samples,
-                           accelerator=accelerator if accelerator.num_processes > 1 else None)
+                           accelerator=accelerator)
         if knn is not None and accelerator.is_main_process:
             print(f"k-NN (k={recipe.knn_k}, T={recipe.knn_temperature}) of the teacher on {knn['num_val']} held-out "
                   f"images: top-1 {knn['top1']:.2f}%, top-5 {knn['top5']:.2f}%")
