@@ -25,6 +25,7 @@ import conftest  # noqa: E402
 from hf_dino.demo import app as app_module  # noqa: E402
 from hf_dino.demo.app import DinoDemo, build_app, example_images, load_gallery  # noqa: E402
 from hf_dino.demo.space import write_space  # noqa: E402
+from hf_dino.visualization.attention import attention_mass_masks  # noqa: E402
 
 GALLERY_SIZE = 48
 QUERY_ROW = 5
@@ -76,16 +77,18 @@ def served(demo):
         page.close()
 
 
-def predict(client, image, model="", threshold=0.6, image_size=0, top_k=5):
-    image = gradio_client.handle_file(str(image)) if image is not None else None
-    return client.predict(image, model, threshold, image_size, top_k, api_name="/analyze")
+def predict(client, image, model="", threshold=0.6, image_size=0, top_k=5, *ground_truth):
+    """The /analyze endpoint; `ground_truth` (a mask file) is optional, as for an older client."""
+    files = [gradio_client.handle_file(str(path)) if path is not None else None for path in (image, *ground_truth)]
+    return client.predict(files[0], model, threshold, image_size, top_k, *files[1:], api_name="/analyze")
 
 
 @pytest.mark.timeout(180)
 def test_api_answers_attention_maps_and_neighbours(served, tiny_model, query_image):
     client = gradio_client.Client(served, verbose=False)
-    message, mean_image, heads, mask_image, neighbours, scores = predict(client, query_image, str(tiny_model),
-                                                                         top_k=5)
+    message, mean_image, heads, mask_image, neighbours, scores, jaccard = predict(client, query_image,
+                                                                                  str(tiny_model), top_k=5)
+    assert jaccard is None  # no ground truth given
     assert "⚠️" not in message and "4x4 patches" in message
     assert Image.open(mean_image).size == (224, 224) and Image.open(mask_image).size == (224, 224)
     assert len(heads) == 3 and [h["caption"].split(":")[0] for h in heads] == ["head 0", "head 1", "head 2"]
@@ -160,6 +163,87 @@ def test_attention_input_is_capped_by_token_count(demo, query_image):
     sliders = [block for block in page.blocks.values() if getattr(block, "elem_id", None) == "image-size"]
     assert [slider.maximum for slider in sliders] == [512]
     assert page.delete_cache == app_module.DELETE_CACHE and page.delete_cache[1] <= 24 * 3600
+
+
+def pixel_jaccard(mask: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> float:
+    """Jaccard in percent over the valid pixels, written out for the tests."""
+    both = np.logical_and(mask, truth)[valid].sum()
+    either = np.logical_or(mask, truth)[valid].sum()
+    return 100.0 if either == 0 else 100.0 * both / either
+
+
+def test_ground_truth_mask_is_scored_by_jaccard_over_pixels(demo, query_image, tmp_path):
+    """A 32 x 48 image (the query padded by 8 px each side) and its mask: the model sees the centre
+    32 x 32 square, and the mask is cropped with it. Expected scores: the patch masks the page
+    shows, blown up to pixels by hand, against the hand-drawn truth."""
+    pixels = np.asarray(Image.open(query_image))
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.pad(pixels, ((0, 0), (8, 8), (0, 0)), mode="edge")).save(wide)
+    truth = np.zeros((32, 48), np.uint8)
+    truth[4:20, 14:34] = 255  # not patch-aligned: in the square, rows 4..19, columns 6..25
+    truth_file = tmp_path / "truth.png"
+    Image.fromarray(truth).save(truth_file)  # an "L" 0/255 mask, as DAVIS-2016's
+
+    result = demo.analyze(str(wide), top_k=1, ground_truth=str(truth_file))
+    seen = np.zeros((32, 32), bool)
+    seen[4:20, 6:26] = True
+    valid = np.ones((32, 32), bool)
+    blow_up = lambda mask: np.kron(np.asarray(mask, dtype=np.uint8), np.ones((8, 8), np.uint8)).astype(bool)  # noqa: E731
+    heads = [pixel_jaccard(blow_up(mask), seen, valid) for mask in attention_mass_masks(result.attention, 0.6)]
+    assert result.jaccard["per_head"] == pytest.approx(heads, abs=0.01)
+    assert result.jaccard["averaged_attention"] == pytest.approx(pixel_jaccard(blow_up(result.mask), seen, valid),
+                                                                 abs=0.01)
+    assert result.jaccard["best_head"] == {"index": int(np.argmax(heads)),
+                                           "jaccard": pytest.approx(max(heads), abs=0.01)}
+    assert "Jaccard with the ground truth" in result.message
+    assert all(caption.endswith(f"J {score:.1f}%") for (_, caption), score in zip(result.head_overlays, heads))
+    # the truth's outline is drawn in yellow on the mask picture, and only there
+    yellow = np.all(result.mask_image == app_module.TRUTH_COLOUR, axis=-1)
+    assert yellow.any() and not np.all(demo.analyze(str(wide), top_k=1).mask_image == result.mask_image)
+
+
+def test_palette_ground_truth_ignores_the_voc_border(demo, query_image, tmp_path):
+    """A VOC-style palette PNG: index 0 background, 255 ignored, other indices foreground. Ignored
+    pixels count neither in the intersection nor in the union."""
+    truth = np.zeros((32, 32), np.uint8)
+    truth[0:16, 0:16] = 3  # an object id
+    truth[16:24, :] = 255  # a wide "border" band, ignored
+    truth_file = tmp_path / "voc.png"
+    palette_image = Image.fromarray(truth, mode="P")
+    palette_image.putpalette([value for index in range(256) for value in (index, 255 - index, index // 2)])
+    palette_image.save(truth_file)
+    assert Image.open(truth_file).mode == "P"
+
+    result = demo.analyze(str(query_image), top_k=1, ground_truth=str(truth_file))
+    mask = np.kron(result.mask.numpy().astype(np.uint8), np.ones((8, 8), np.uint8)).astype(bool)
+    valid = np.ones((32, 32), bool)
+    valid[16:24, :] = False
+    expected = pixel_jaccard(mask, truth == 3, valid)
+    assert result.jaccard["averaged_attention"] == pytest.approx(expected, abs=0.01)
+    # the same mask read as a plain image would count the band as foreground: a different score
+    assert expected != pytest.approx(pixel_jaccard(mask, truth > 0, np.ones((32, 32), bool)), abs=0.01)
+
+
+def test_ground_truth_of_another_size_is_refused_with_a_message(demo, query_image, tmp_path):
+    other = tmp_path / "other.png"
+    Image.new("L", (40, 30)).save(other)
+    message, *_, jaccard = demo.answer(str(query_image), "", 0.6, 0, 5, str(other))
+    assert "is 40x30 px but the image is 32x32" in message and jaccard is None
+    not_an_image = tmp_path / "mask.png"
+    not_an_image.write_text("no")
+    assert "is not an image file" in demo.answer(str(query_image), "", 0.6, 0, 5, str(not_an_image))[0]
+
+
+@pytest.mark.timeout(180)
+def test_api_takes_an_optional_ground_truth(served, tiny_model, query_image, tmp_path):
+    truth = tmp_path / "everything.png"
+    Image.new("L", (32, 32), 255).save(truth)  # the whole image is the object
+    client = gradio_client.Client(served, verbose=False)
+    message, *_, jaccard = predict(client, query_image, str(tiny_model), 0.6, 0, 3, truth)
+    assert "⚠️" not in message and len(jaccard["per_head"]) == 3
+    # every mask is inside the truth: Jaccard = the mask's share of the 16 patches
+    mask_share = float(message.split("the mask keeps ")[1].split(" patches")[0].split("/")[0]) / 16
+    assert jaccard["averaged_attention"] == pytest.approx(100 * mask_share, abs=0.01)
 
 
 def test_huge_and_corrupt_images_are_refused_with_a_message(demo, query_image, tmp_path):
@@ -298,7 +382,7 @@ def test_space_folder_app_runs_locally(tmp_path, tiny_model, query_image):
     try:
         wait_for_http(f"http://127.0.0.1:{port}/", process, timeout=240)
         client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
-        message, mean_image, heads, _, neighbours, scores = predict(client, query_image, top_k=3)
+        message, mean_image, heads, _, neighbours, scores, _ = predict(client, query_image, top_k=3)
         assert str(tiny_model) in message and len(heads) == 3 and len(neighbours) == 3
         assert scores[0]["similarity"] == pytest.approx(1.0, abs=1e-4)  # row 5 is in the Space's gallery too
         assert list((folder / "gallery_cache").glob("*.safetensors"))  # the folder's app wrote its cache

@@ -128,3 +128,22 @@ def test_resizing_follows_pils_bicubic_on_a_natural_image():
         ours = unnormalise(evaluation_transform(side, resize_ratio=1.0)(image=image)["image"])
         pil = np.asarray(Image.fromarray(image).resize((side, side), Image.BICUBIC)).astype(np.float64)
         assert np.abs(ours - pil).mean() <= 2.5, side
+
+
+def test_centre_square_with_mask_crops_the_mask_with_the_image():
+    """20 x 30 -> 8 px: the shorter side becomes 8 (8 x 12), then columns 2..9 are kept. The
+    mask's labels survive (nearest): a block at rows 5..14, columns 10..19 of the original lands
+    on rows 2..5, columns 2..5 of the square (every coordinate x 0.4, minus the 2 cropped columns)."""
+    import numpy as np
+
+    from hf_dino.transforms import centre_square, centre_square_with_mask
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    labels = np.zeros((20, 30), np.uint8)
+    labels[5:15, 10:20] = 7
+    square, square_labels = centre_square_with_mask(image, labels, 8)
+    expected = np.zeros((8, 8), np.uint8)
+    expected[2:6, 2:6] = 7
+    np.testing.assert_array_equal(square_labels, expected)
+    np.testing.assert_array_equal(square, centre_square(image, 8))

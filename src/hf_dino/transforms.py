@@ -116,11 +116,21 @@ def evaluation_transform(crop_size: int, resize_ratio: float = 256 / 224) -> A.C
     ])
 
 
+def _centre_square_transform(size: int) -> A.Compose:
+    return A.Compose([A.SmallestMaxSize(max_size=size, **RESIZE), A.CenterCrop(height=size, width=size)])
+
+
 def centre_square(image: np.ndarray, size: int) -> np.ndarray:
     """What a model evaluated at `size` sees, as an image: (H, W, 3) uint8 -> (size, size, 3) uint8,
     the shorter side resized to `size` and the centre square cropped (for overlays)."""
-    return A.Compose([A.SmallestMaxSize(max_size=size, **RESIZE),
-                      A.CenterCrop(height=size, width=size)])(image=image)["image"]
+    return _centre_square_transform(size)(image=image)["image"]
+
+
+def centre_square_with_mask(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`centre_square` of an image and of its (H, W) integer label mask alike: -> (size, size, 3)
+    uint8 and (size, size) labels, the mask resized by nearest neighbour (labels stay labels)."""
+    square = _centre_square_transform(size)(image=image, mask=mask)
+    return square["image"], square["mask"]
 
 
 def linear_probe_train_transform(crop_size: int, scale: tuple[float, float] = (0.08, 1.0)) -> A.Compose:

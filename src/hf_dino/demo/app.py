@@ -4,7 +4,8 @@ Upload an image (or pick a bundled example) and the page shows the last block's 
 mean over heads and every head overlaid on the image, the patches holding `threshold` of the
 mean attention's mass (the paper's mask), and the image's nearest neighbours among a gallery
 (the embedded CIFAR-10 demo sample by default) by cosine similarity of the DINO feature (the
-CLS token after the final norm) with the scores.
+CLS token after the final norm) with the scores. Given the image's ground-truth mask as well, it
+scores the masks against it by Jaccard, as `hf-dino-eval-attention-segmentation` does over a dataset.
 
 `DinoDemo` does the work and is usable without Gradio (`DinoDemo.analyze`); `build_app` wraps it
 in a `gr.Blocks` page whose `analyze` endpoint is also an API (`gradio_client`). The gallery's
@@ -29,9 +30,10 @@ import torch
 from torch import nn
 
 from ..data import DEMO_DATASET_DIR, FALLBACK_VAL_SPLITS, decode_image, load_dataset_dict, prepare_image_column
+from ..evaluation.attention_segmentation import TRUTH_COLOUR, jaccard, outline
 from ..evaluation.features import backbone_cls_features, load_frozen_backbone
-from ..transforms import centre_square, evaluation_transform
-from ..visualization.attention import attention_mass_masks, cls_attention_and_feature, vit_backbone
+from ..transforms import centre_square, centre_square_with_mask, evaluation_transform
+from ..visualization.attention import attention_mass_masks, cls_attention_and_feature, upsample_to_image, vit_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ MIN_DISPLAY_SIZE = 224
 MAX_ATTENTION_TOKENS = 4096
 # Gradio's cache of uploads and rendered outputs: every 15 minutes, files older than an hour go.
 DELETE_CACHE = (900, 3600)
+# Ground-truth label values after `read_ground_truth`.
+TRUTH_BACKGROUND, TRUTH_FOREGROUND, TRUTH_IGNORED = 0, 1, 255
 NO_MODEL_MESSAGE = (
     "**No model loaded.** Train the demo model with `accelerate launch scripts/pretrain.py` (about 8 minutes "
     f"on a 2-core CPU; it writes `{DEFAULT_MODEL_DIR.as_posix()}`, which this app then opens by default), or "
@@ -212,12 +216,11 @@ def cached_gallery_features(loaded: LoadedModel, gallery: GalleryData, cache_dir
     return features, rows
 
 
-def read_image(path: str | Path | None, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, str]:
-    """An uploaded file -> (H, W, 3) uint8 RGB and a note on any conversion; AppInputError if unusable."""
+def _image_header(path: str | Path, max_pixels: int) -> tuple[int, int, str]:
+    """(width, height, mode) of an uploaded file, read from its header; AppInputError if it is not
+    an image or has more than `max_pixels` pixels."""
     from PIL import Image
 
-    if path is None or not str(path):
-        raise AppInputError("Upload an image (or click one of the examples) first.")
     name = Path(path).name
     try:
         with Image.open(path) as header:
@@ -230,11 +233,61 @@ def read_image(path: str | Path | None, max_pixels: int = MAX_IMAGE_PIXELS) -> t
     if width * height > max_pixels:
         raise AppInputError(f"`{name}` is {width}x{height} px ({width * height / 1e6:.0f} MP): the app takes up to "
                             f"{max_pixels / 1e6:.0f} MP. Downscale it (the model sees a few hundred pixels anyway).")
+    return width, height, mode
+
+
+def read_image(path: str | Path | None, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, str]:
+    """An uploaded file -> (H, W, 3) uint8 RGB and a note on any conversion; AppInputError if unusable."""
+    if path is None or not str(path):
+        raise AppInputError("Upload an image (or click one of the examples) first.")
+    name = Path(path).name
+    _, _, mode = _image_header(path, max_pixels)
     image = decode_image(path)
     if image is None:
         raise AppInputError(f"`{name}` could not be decoded (truncated or corrupt file?).")
     note = "" if mode == "RGB" else f"converted from {mode} to RGB" + (" on white" if "A" in mode else "")
     return image, note
+
+
+def read_ground_truth(path: str | Path, image_shape: tuple[int, int], max_pixels: int = MAX_IMAGE_PIXELS
+                      ) -> np.ndarray:
+    """An uploaded ground-truth mask of an (H, W) image -> (H, W) uint8 labels: TRUTH_FOREGROUND,
+    TRUTH_BACKGROUND or TRUTH_IGNORED. A palette PNG (DAVIS-2017, VOC's SegmentationObject or
+    SegmentationClass): index 0 is background, 255 is ignored (VOC's object borders), any other
+    index is foreground. Any other image (DAVIS-2016's 0/255 masks, a drawing): a pixel with a
+    non-zero channel is foreground. AppInputError when unreadable or not the image's size."""
+    from PIL import Image
+
+    name = Path(path).name
+    width, height, mode = _image_header(path, max_pixels)
+    if (height, width) != tuple(image_shape):
+        raise AppInputError(f"Ground-truth mask `{name}` is {width}x{height} px but the image is {image_shape[1]}x"
+                            f"{image_shape[0]}: upload the mask drawn for this image, at its size.")
+    try:
+        with Image.open(path) as annotation:
+            values = np.asarray(annotation if mode == "P" else annotation.convert("RGB"))
+    except Exception:
+        raise AppInputError(f"Ground-truth mask `{name}` could not be decoded (truncated or corrupt file?).") from None
+    if mode == "P":
+        labels = np.where(values == 0, TRUTH_BACKGROUND, TRUTH_FOREGROUND)
+        return np.where(values == 255, TRUTH_IGNORED, labels).astype(np.uint8)
+    return np.where(values.max(axis=-1) > 0, TRUTH_FOREGROUND, TRUTH_BACKGROUND).astype(np.uint8)
+
+
+def ground_truth_jaccard(head_masks: torch.Tensor, mean_mask: torch.Tensor, truth: np.ndarray, patch_size: int
+                         ) -> dict:
+    """Jaccard (percent) of the attention masks with a ground truth, counted over pixels:
+    head_masks (heads, h, w) bool, mean_mask (h, w) bool, truth (h * patch_size, w * patch_size)
+    labels of `read_ground_truth` -> {"per_head": [heads], "best_head": {"index", "jaccard"},
+    "averaged_attention"}. Ignored pixels count as neither; a mask and truth both empty score 100."""
+    valid = truth != TRUTH_IGNORED
+    foreground = truth == TRUTH_FOREGROUND
+    per_head = 100 * jaccard(upsample_to_image(head_masks, patch_size).numpy(), foreground, valid)
+    averaged = 100 * jaccard(upsample_to_image(mean_mask, patch_size).numpy(), foreground, valid)
+    best = int(np.argmax(per_head))
+    return {"per_head": [round(float(score), 2) for score in per_head],
+            "best_head": {"index": best, "jaccard": round(float(per_head[best]), 2)},
+            "averaged_attention": round(float(averaged), 2)}
 
 
 def _resize(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
@@ -273,10 +326,15 @@ def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np
     return (image * (1 - alpha) + coloured * alpha).round().astype(np.uint8)
 
 
-def mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """image (S, S, 3) uint8, mask (h, w) bool -> the image with the unkept patches dimmed to 20%."""
+def mask_overlay(image: np.ndarray, mask: np.ndarray, truth: np.ndarray | None = None) -> np.ndarray:
+    """image (S, S, 3) uint8, mask (h, w) bool -> the image with the unkept patches dimmed to 20%;
+    given truth ((s, s) labels of `read_ground_truth`), with its foreground's outline in yellow."""
     keep = _resize(mask.astype(np.uint8), image.shape[0], nearest=True).astype(bool)
-    return np.where(keep[..., None], image, (image * 0.2).astype(np.uint8))
+    shown = np.where(keep[..., None], image, (image * 0.2).astype(np.uint8))
+    if truth is not None:
+        foreground = _resize((truth == TRUTH_FOREGROUND).astype(np.uint8), image.shape[0], nearest=True)
+        shown[outline(foreground.astype(bool), width=max(2, image.shape[0] // 160))] = TRUTH_COLOUR
+    return shown
 
 
 @dataclass
@@ -291,6 +349,7 @@ class Analysis:
     neighbours: list[tuple[np.ndarray, str]]
     neighbour_table: list[dict]  # rank, row, label, similarity
     message: str
+    jaccard: dict | None = None  # `ground_truth_jaccard`, when a ground-truth mask was given
 
 
 @dataclass
@@ -342,8 +401,10 @@ class DinoDemo:
 
     @torch.no_grad()
     def analyze(self, image_path: str | None, model_name: str | None = None, threshold: float = 0.6,
-                image_size: int | None = None, top_k: int = 8) -> Analysis:
-        """One image -> attention maps, mask and neighbours. AppInputError for unusable input.
+                image_size: int | None = None, top_k: int = 8, ground_truth: str | None = None) -> Analysis:
+        """One image -> attention maps, mask and neighbours; given `ground_truth` (the file of the
+        image's mask, see `read_ground_truth`), the masks' Jaccard with it. AppInputError for
+        unusable input.
 
         The model sees the image's centre square (shorter side resized to the input size, the
         gallery's transform too). The attention's input size is `image_size` (default: the
@@ -355,10 +416,14 @@ class DinoDemo:
             raise AppInputError(f"Threshold {threshold}: give a fraction of attention mass in (0, 1].")
         loaded = self.load(model_name or self.model)
         image, note = read_image(image_path)
+        truth = read_ground_truth(ground_truth, image.shape[:2]) if ground_truth else None
         patch = loaded.patch_size
         requested = max(int(image_size or loaded.image_size), 4 * patch)
         size = min(requested, max_attention_size(patch)) // patch * patch
-        shown = centre_square(image, size)
+        if truth is None:
+            shown = centre_square(image, size)
+        else:  # the truth is cropped and resized with the image: (size, size) labels
+            shown, truth = centre_square_with_mask(image, truth, size)
         attention, query = attention_and_feature(loaded.model, model_input(image, size, loaded))
         attention = attention[0].float().cpu()  # (heads, h, w)
         if size != loaded.image_size:
@@ -367,14 +432,16 @@ class DinoDemo:
         mean_attention = attention.mean(0)
         mask = attention_mass_masks(mean_attention, threshold)
         head_masks = attention_mass_masks(attention, threshold)
+        scores = None if truth is None else ground_truth_jaccard(head_masks, mask, truth, patch)
 
         display = max(size, MIN_DISPLAY_SIZE)
         shown_large = _resize(shown, display)
         mean_overlay = heat_overlay(shown_large, mean_attention.numpy())
         head_overlays = [(heat_overlay(shown_large, attention[head].numpy()),
-                          f"head {head}: {int(head_masks[head].sum())}/{head_masks[head].numel()} patches")
+                          f"head {head}: {int(head_masks[head].sum())}/{head_masks[head].numel()} patches"
+                          + (f" · J {scores['per_head'][head]:.1f}%" if scores else ""))
                          for head in range(attention.shape[0])]
-        mask_image = mask_overlay(shown_large, mask.numpy())
+        mask_image = mask_overlay(shown_large, mask.numpy(), truth)
 
         neighbours, table = self._neighbours(loaded, query, top_k)
         grid = f"{attention.shape[1]}x{attention.shape[2]}"
@@ -385,10 +452,15 @@ class DinoDemo:
         if requested > max_attention_size(patch):
             message += (f" The input size was capped at {size} px: at most {MAX_ATTENTION_TOKENS:,} patches of "
                         f"{patch} px.")
+        if scores:
+            message += (f" **Jaccard with the ground truth** (yellow outline): the mean attention's mask "
+                        f"{scores['averaged_attention']:.1f}%, the best head (head {scores['best_head']['index']}) "
+                        f"{scores['best_head']['jaccard']:.1f}%, the heads' mean {np.mean(scores['per_head']):.1f}%.")
         if note:
             message += f" Input {note}."
         return Analysis(attention=attention, mask=mask, mean_overlay=mean_overlay, head_overlays=head_overlays,
-                        mask_image=mask_image, neighbours=neighbours, neighbour_table=table, message=message)
+                        mask_image=mask_image, neighbours=neighbours, neighbour_table=table, message=message,
+                        jaccard=scores)
 
     def _neighbours(self, loaded: LoadedModel, query: torch.Tensor, top_k: int
                     ) -> tuple[list[tuple[np.ndarray, str]], list[dict]]:
@@ -407,19 +479,20 @@ class DinoDemo:
             pictures.append((picture, f"{label + ' · ' if label else ''}{score:.3f}"))
         return pictures, table
 
-    def answer(self, image_path, model_name, threshold, image_size, top_k):
-        """The Gradio handler: (message, mean overlay, head gallery, mask, neighbour gallery, scores).
-        Unusable input gives the message and empty outputs; the server keeps serving."""
+    def answer(self, image_path, model_name, threshold, image_size, top_k, ground_truth=None):
+        """The Gradio handler: (message, mean overlay, head gallery, mask, neighbour gallery, neighbour
+        scores, Jaccard scores or None without a ground truth). Unusable input gives the message and
+        empty outputs; the server keeps serving."""
         try:
             result = self.analyze(image_path, model_name, float(threshold), int(image_size or 0) or None,
-                                  int(top_k))
+                                  int(top_k), ground_truth or None)
         except AppInputError as error:
-            return f"⚠️ {error}", None, [], None, [], []
+            return f"⚠️ {error}", None, [], None, [], [], None
         except Exception as error:  # anything unexpected: say so in the page, keep serving
             logger.exception("analysis failed")
-            return f"⚠️ The analysis failed: {type(error).__name__}: {error}", None, [], None, [], []
+            return f"⚠️ The analysis failed: {type(error).__name__}: {error}", None, [], None, [], [], None
         return (result.message, result.mean_overlay, result.head_overlays, result.mask_image, result.neighbours,
-                result.neighbour_table)
+                result.neighbour_table, result.jaccard)
 
 
 def example_images() -> list[str]:
@@ -464,6 +537,10 @@ def build_app(model: str | None = None, gallery: str | None = None, threshold: f
                                         label=f"Attention input size in px (0: the model's native size; at most "
                                               f"{MAX_ATTENTION_TOKENS:,} patches, {size_limit} px here)")
                 top_k_slider = gr.Slider(1, 24, value=top_k, step=1, label="Neighbours", elem_id="top-k")
+                with gr.Accordion("Ground-truth mask (optional): score the masks by Jaccard", open=False):
+                    truth_image = lenient_image_input(
+                        label="The image's mask, same size (non-zero = object; palette PNG: 255 ignored)",
+                        height=160, sources=["upload", "clipboard"], elem_id="ground-truth")
                 button = gr.Button("Analyze", variant="primary", elem_id="analyze")
                 gr.Examples(examples=[[path] for path in example_images()], inputs=[image], label="Examples")
             with gr.Column(scale=2):
@@ -478,10 +555,11 @@ def build_app(model: str | None = None, gallery: str | None = None, threshold: f
                 neighbours = gr.Gallery(label="Nearest neighbours in the gallery (label · cosine similarity)",
                                         elem_id="neighbours", columns=4, fit_columns=False,
                                         object_fit="contain", format="png")
-                with gr.Accordion("Similarity scores", open=False):
+                with gr.Accordion("Scores: neighbours' similarity, and the masks' Jaccard given a mask", open=False):
                     scores = gr.JSON(label="neighbours", elem_id="scores")
-        inputs = [image, model_box, threshold_slider, size_slider, top_k_slider]
-        outputs = [status, mean_image, heads, mask_image, neighbours, scores]
+                    jaccard_scores = gr.JSON(label="Jaccard with the ground truth (percent)", elem_id="jaccard")
+        inputs = [image, model_box, threshold_slider, size_slider, top_k_slider, truth_image]
+        outputs = [status, mean_image, heads, mask_image, neighbours, scores, jaccard_scores]
         # one analysis at a time (one queue for both events): the CPU's cores go to one forward pass
         button.click(demo.answer, inputs, outputs, api_name="analyze", concurrency_id="analyze")
         image.upload(demo.answer, inputs, outputs, api_visibility="private", concurrency_id="analyze")
