@@ -1,5 +1,6 @@
 """The demo app in a real browser: headless Debian Chromium driven by Playwright uploads an image
-and reads the page (attention image, per-head maps, neighbour gallery, bad-input message).
+and reads the page (attention image, per-head maps, neighbour gallery, bad-input message, the
+Jaccard given a ground-truth mask).
 
 Chromium is Debian's `chromium` package at /usr/bin/chromium (Playwright cannot download its
 own browsers here; `.ci/run` installs the package). Without it the test is skipped locally and
@@ -68,6 +69,8 @@ def test_upload_shows_attention_and_neighbours_in_chromium(tmp_path):
     gallery = load_gallery(None, max_images=32)
     photo = tmp_path / "photo.png"  # a real photograph: gallery image 3, enlarged
     Image.fromarray(gallery.image(3)).resize((96, 96), Image.BICUBIC).save(photo)
+    truth = tmp_path / "truth.png"
+    Image.new("L", (96, 96), 255).save(truth)
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("these are notes, not pixels")
 
@@ -107,6 +110,14 @@ def test_upload_shows_attention_and_neighbours_in_chromium(tmp_path):
                 assert "head 2" in page.locator("#heads").inner_text()
                 neighbour = image_stats(page, "#neighbours img")
                 assert neighbour["width"] >= 32 and neighbour["max"] > neighbour["min"]
+
+                # the optional ground truth (the whole image is the object): the masks are scored
+                page.get_by_text("Ground-truth mask (optional)").click()
+                page.set_input_files("#ground-truth input[type=file]", str(truth))
+                page.wait_for_selector("#ground-truth img")
+                page.click("#analyze")
+                page.wait_for_selector("#status >> text=Jaccard with the ground truth")
+                assert len(re.findall(r"J \d+\.\d%", page.locator("#heads").inner_text())) == 3
 
                 screenshot = tmp_path / "app_screenshot.png"
                 page.screenshot(path=str(screenshot), full_page=True)
