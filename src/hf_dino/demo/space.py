@@ -56,7 +56,8 @@ Upload an image to see what the self-supervised ViT [`{model_id}`]({model_link})
 last block's CLS attention (mean and per head), the patches that hold {threshold:.0%} of the
 attention mass, and the image's nearest neighbours among the gallery (the 1,000-image CIFAR-10
 test sample embedded in hf_dino) by cosine similarity of the DINO feature (the CLS token after
-the final norm). DINO: Caron et al., *Emerging Properties in Self-Supervised Vision Transformers*
+the final norm). Upload the image's ground-truth mask as well and the Space scores each mask against
+it by Jaccard. DINO: Caron et al., *Emerging Properties in Self-Supervised Vision Transformers*
 ([arXiv:2104.14294](https://arxiv.org/abs/2104.14294)).
 
 The model's own page has the Hub's inference widget (feature extraction: the raw embedding
