@@ -421,3 +421,36 @@ def test_push_to_hub_space_writes_the_folder_and_reports_a_failed_upload(tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         main([str(run), "--hub_model_id", "me/dino-demo", "--space", "no-org"])
     assert exit_info.value.code == 2
+
+
+DAVIS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "davis"
+
+
+@pytest.mark.skipif(not (DAVIS / "JPEGImages").is_dir(), reason="no DAVIS sample in ../shared/data/davis")
+def test_app_jaccard_equals_the_evaluation_on_a_square_davis_frame(tmp_path):
+    """A 480 x 480 crop of a real DAVIS frame and its mask, at 480 px: the app's centre square and
+    the evaluation's square resize both leave the pixels as they are, so the app's Jaccard must be
+    the evaluation command's for that one image (hf_dino.evaluation.attention_segmentation, itself
+    checked against the reference's code)."""
+    from hf_dino.evaluation.attention_segmentation import davis_samples, evaluate_attention_segmentation
+
+    frame = np.asarray(Image.open(DAVIS / "JPEGImages" / "480p" / "blackswan" / "00000.jpg"))[:, 187:667]
+    mask = np.asarray(Image.open(DAVIS / "Annotations" / "480p" / "blackswan" / "00000.png"))[:, 187:667]
+    root = tmp_path / "davis"
+    (root / "JPEGImages" / "480p" / "swan").mkdir(parents=True)
+    (root / "Annotations" / "480p" / "swan").mkdir(parents=True)
+    Image.fromarray(frame).save(root / "JPEGImages" / "480p" / "swan" / "00000.jpg", quality=95)
+    Image.fromarray(mask).save(root / "Annotations" / "480p" / "swan" / "00000.png")
+    model_dir = tmp_path / "vit"
+    conftest.tiny_vit(1, hidden_size=24, num_hidden_layers=2, num_attention_heads=3, image_size=32, patch_size=16,
+                      save_to=model_dir)
+
+    demo = DinoDemo(model=str(model_dir), max_gallery_images=4, cache_dir=None)
+    app_scores = demo.analyze(str(root / "JPEGImages" / "480p" / "swan" / "00000.jpg"), image_size=480, top_k=1,
+                              ground_truth=str(root / "Annotations" / "480p" / "swan" / "00000.png")).jaccard
+    model = demo.load(str(model_dir)).model
+    evaluation = evaluate_attention_segmentation(model, davis_samples(root), "davis", image_size=480, progress=False)
+    assert evaluation["images"] == 1 and 5 < evaluation["averaged_attention"] < 95  # a non-trivial mask
+    assert app_scores["per_head"] == pytest.approx(evaluation["per_head"], abs=0.01)
+    assert app_scores["averaged_attention"] == pytest.approx(evaluation["averaged_attention"], abs=0.01)
+    assert app_scores["best_head"]["index"] == evaluation["best_head_index"]
