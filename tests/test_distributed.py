@@ -104,6 +104,11 @@ if spec.get("check_frozen_last_layer"):
 rank = int(os.environ.get("RANK", "0"))
 with open(os.path.join(recipe.output_dir, f"report-rank{rank}.json"), "w") as handle:
     json.dump(report, handle)
+if spec.get("simulate_fsdp"):
+    # FSDP2's default device mesh keeps the gloo group alive past end_training; its threads can
+    # abort the interpreter's exit (see SHARDED_WORKER). Only this simulated CPU path builds one.
+    sys.stdout.flush()
+    os._exit(0)
 '''
 
 
@@ -356,6 +361,7 @@ def test_processes_agree_on_which_batches_to_train(tmp_path):
 
 
 SHARDED_WORKER = r'''
+import os
 import sys
 import torch
 import torch.distributed as dist
@@ -396,6 +402,10 @@ if dist.get_rank() == 0:
     print("SHARDED OK", flush=True)
 dist.barrier()  # both processes done with gloo before either tears its group down
 dist.destroy_process_group()
+# The device mesh and the FSDP2 state keep the gloo group (and its threads) alive past
+# destroy_process_group; their destructors at interpreter exit abort about 1 run in 30 ("terminate
+# called without an active exception"). The checks are done: leave without running them.
+os._exit(0)
 '''
 
 
