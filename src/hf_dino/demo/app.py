@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..data import DEMO_DATASET_DIR, FALLBACK_VAL_SPLITS, decode_image, load_dataset_dict, prepare_image_column
-from ..evaluation.attention_segmentation import TRUTH_COLOUR, jaccard, outline
+from ..evaluation.attention_segmentation import TRUTH_COLOUR, foreground_and_valid, jaccard, outline
 from ..evaluation.features import backbone_cls_features, load_frozen_backbone
 from ..transforms import centre_square, centre_square_with_mask, evaluation_transform
 from ..visualization.attention import attention_mass_masks, cls_attention_and_feature, upsample_to_image, vit_backbone
@@ -53,8 +53,6 @@ MIN_DISPLAY_SIZE = 224
 MAX_ATTENTION_TOKENS = 4096
 # Gradio's cache of uploads and rendered outputs: every 15 minutes, files older than an hour go.
 DELETE_CACHE = (900, 3600)
-# Ground-truth label values after `read_ground_truth`.
-TRUTH_BACKGROUND, TRUTH_FOREGROUND, TRUTH_IGNORED = 0, 1, 255
 NO_MODEL_MESSAGE = (
     "**No model loaded.** Train the demo model with `accelerate launch scripts/pretrain.py` (about 8 minutes "
     f"on a 2-core CPU; it writes `{DEFAULT_MODEL_DIR.as_posix()}`, which this app then opens by default), or "
@@ -250,12 +248,13 @@ def read_image(path: str | Path | None, max_pixels: int = MAX_IMAGE_PIXELS) -> t
 
 
 def read_ground_truth(path: str | Path, image_shape: tuple[int, int], max_pixels: int = MAX_IMAGE_PIXELS
-                      ) -> np.ndarray:
-    """An uploaded ground-truth mask of an (H, W) image -> (H, W) uint8 labels: TRUTH_FOREGROUND,
-    TRUTH_BACKGROUND or TRUTH_IGNORED. A palette PNG (DAVIS-2017, VOC's SegmentationObject or
-    SegmentationClass): index 0 is background, 255 is ignored (VOC's object borders), any other
-    index is foreground. Any other image (DAVIS-2016's 0/255 masks, a drawing): a pixel with a
-    non-zero channel is foreground. AppInputError when unreadable or not the image's size."""
+                      ) -> tuple[np.ndarray, str]:
+    """An uploaded ground-truth mask of an (H, W) image -> ((H, W) uint8 values, the layout whose
+    rule reads them: `foreground_and_valid`). A palette PNG (DAVIS-2017, VOC's SegmentationObject
+    or SegmentationClass) is read as VOC: its indices, 0 background, 255 ignored (VOC's object
+    borders), any other foreground. Any other image (DAVIS-2016's 0/255 masks, a drawing) is read
+    as DAVIS: each pixel's largest channel, non-zero = foreground. AppInputError when unreadable or
+    not the image's size."""
     from PIL import Image
 
     name = Path(path).name
@@ -268,20 +267,15 @@ def read_ground_truth(path: str | Path, image_shape: tuple[int, int], max_pixels
             values = np.asarray(annotation if mode == "P" else annotation.convert("RGB"))
     except Exception:
         raise AppInputError(f"Ground-truth mask `{name}` could not be decoded (truncated or corrupt file?).") from None
-    if mode == "P":
-        labels = np.where(values == 0, TRUTH_BACKGROUND, TRUTH_FOREGROUND)
-        return np.where(values == 255, TRUTH_IGNORED, labels).astype(np.uint8)
-    return np.where(values.max(axis=-1) > 0, TRUTH_FOREGROUND, TRUTH_BACKGROUND).astype(np.uint8)
+    return (values, "voc") if mode == "P" else (values.max(axis=-1), "davis")
 
 
-def ground_truth_jaccard(head_masks: torch.Tensor, mean_mask: torch.Tensor, truth: np.ndarray, patch_size: int
-                         ) -> dict:
-    """Jaccard (percent) of the attention masks with a ground truth, counted over pixels:
-    head_masks (heads, h, w) bool, mean_mask (h, w) bool, truth (h * patch_size, w * patch_size)
-    labels of `read_ground_truth` -> {"per_head": [heads], "best_head": {"index", "jaccard"},
-    "averaged_attention"}. Ignored pixels count as neither; a mask and truth both empty score 100."""
-    valid = truth != TRUTH_IGNORED
-    foreground = truth == TRUTH_FOREGROUND
+def ground_truth_jaccard(head_masks: torch.Tensor, mean_mask: torch.Tensor, foreground: np.ndarray,
+                         valid: np.ndarray, patch_size: int) -> dict:
+    """Jaccard (percent) of the attention masks with a ground truth, counted over valid pixels:
+    head_masks (heads, h, w) bool, mean_mask (h, w) bool, foreground and valid (h * patch_size,
+    w * patch_size) bool -> {"per_head": [heads], "best_head": {"index", "jaccard"},
+    "averaged_attention"}. Invalid pixels count as neither; a mask and truth both empty score 100."""
     per_head = 100 * jaccard(upsample_to_image(head_masks, patch_size).numpy(), foreground, valid)
     averaged = 100 * jaccard(upsample_to_image(mean_mask, patch_size).numpy(), foreground, valid)
     best = int(np.argmax(per_head))
@@ -326,14 +320,14 @@ def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np
     return (image * (1 - alpha) + coloured * alpha).round().astype(np.uint8)
 
 
-def mask_overlay(image: np.ndarray, mask: np.ndarray, truth: np.ndarray | None = None) -> np.ndarray:
+def mask_overlay(image: np.ndarray, mask: np.ndarray, foreground: np.ndarray | None = None) -> np.ndarray:
     """image (S, S, 3) uint8, mask (h, w) bool -> the image with the unkept patches dimmed to 20%;
-    given truth ((s, s) labels of `read_ground_truth`), with its foreground's outline in yellow."""
+    given a ground truth's foreground ((s, s) bool), with its outline in yellow."""
     keep = _resize(mask.astype(np.uint8), image.shape[0], nearest=True).astype(bool)
     shown = np.where(keep[..., None], image, (image * 0.2).astype(np.uint8))
-    if truth is not None:
-        foreground = _resize((truth == TRUTH_FOREGROUND).astype(np.uint8), image.shape[0], nearest=True)
-        shown[outline(foreground.astype(bool), width=max(2, image.shape[0] // 160))] = TRUTH_COLOUR
+    if foreground is not None:
+        foreground = _resize(foreground.astype(np.uint8), image.shape[0], nearest=True).astype(bool)
+        shown[outline(foreground, width=max(2, image.shape[0] // 160))] = TRUTH_COLOUR
     return shown
 
 
@@ -420,10 +414,13 @@ class DinoDemo:
         patch = loaded.patch_size
         requested = max(int(image_size or loaded.image_size), 4 * patch)
         size = min(requested, max_attention_size(patch)) // patch * patch
+        foreground = valid = None
         if truth is None:
             shown = centre_square(image, size)
-        else:  # the truth is cropped and resized with the image: (size, size) labels
-            shown, truth = centre_square_with_mask(image, truth, size)
+        else:  # the truth's values are cropped and resized with the image (nearest), then read
+            values, layout = truth
+            shown, values = centre_square_with_mask(image, values, size)
+            foreground, valid = foreground_and_valid(values, layout)
         attention, query = attention_and_feature(loaded.model, model_input(image, size, loaded))
         attention = attention[0].float().cpu()  # (heads, h, w)
         if size != loaded.image_size:
@@ -432,7 +429,7 @@ class DinoDemo:
         mean_attention = attention.mean(0)
         mask = attention_mass_masks(mean_attention, threshold)
         head_masks = attention_mass_masks(attention, threshold)
-        scores = None if truth is None else ground_truth_jaccard(head_masks, mask, truth, patch)
+        scores = None if truth is None else ground_truth_jaccard(head_masks, mask, foreground, valid, patch)
 
         display = max(size, MIN_DISPLAY_SIZE)
         shown_large = _resize(shown, display)
@@ -441,7 +438,7 @@ class DinoDemo:
                           f"head {head}: {int(head_masks[head].sum())}/{head_masks[head].numel()} patches"
                           + (f" · J {scores['per_head'][head]:.1f}%" if scores else ""))
                          for head in range(attention.shape[0])]
-        mask_image = mask_overlay(shown_large, mask.numpy(), truth)
+        mask_image = mask_overlay(shown_large, mask.numpy(), foreground)
 
         neighbours, table = self._neighbours(loaded, query, top_k)
         grid = f"{attention.shape[1]}x{attention.shape[2]}"

@@ -160,7 +160,12 @@ def read_truth(path: Path, layout: str, size: int, patch_size: int) -> tuple[np.
     except (OSError, SyntaxError) as error:
         raise SegmentationInputError(f"{path}: unreadable annotation ({error})") from error
     side = size // patch_size * patch_size
-    ids = ids[:side, :side]
+    return foreground_and_valid(ids[:side, :side], layout)
+
+
+def foreground_and_valid(ids: np.ndarray, layout: str) -> tuple[np.ndarray, np.ndarray]:
+    """Annotation values (H, W) -> (foreground (H, W) bool, valid (H, W) bool). DAVIS: foreground
+    = value > 0, every pixel valid. VOC: foreground = ids 1..254, VOC_IGNORE (255) invalid."""
     if layout == "voc":
         valid = ids != VOC_IGNORE
         return (ids > 0) & valid, valid
