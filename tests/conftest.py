@@ -1,6 +1,12 @@
 import os
+import signal
+import subprocess
+from pathlib import Path
 
 import pytest
+
+# The DAVIS-2016 sample beside the checkout (CC BY-NC: read by tests, never packaged).
+DAVIS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "davis"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -25,6 +31,22 @@ def tiny_vit(seed: int = 0, *, hidden_size: int = 32, num_hidden_layers: int = 1
     if save_to is not None:
         model.save_pretrained(save_to)
     return model
+
+
+def run_with_timeout(command: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `command` in its own process group; on timeout kill the whole group (launcher and
+    workers) and fail: a hang must not outlive the test."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                   **(env or {})}
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command[:6])}... still running after {timeout} s (a hang):\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.fixture

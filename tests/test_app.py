@@ -423,10 +423,7 @@ def test_push_to_hub_space_writes_the_folder_and_reports_a_failed_upload(tmp_pat
     assert exit_info.value.code == 2
 
 
-DAVIS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "davis"
-
-
-@pytest.mark.skipif(not (DAVIS / "JPEGImages").is_dir(), reason="no DAVIS sample in ../shared/data/davis")
+@pytest.mark.skipif(not (conftest.DAVIS / "JPEGImages").is_dir(), reason="no DAVIS sample in ../shared/data/davis")
 def test_app_jaccard_equals_the_evaluation_on_a_square_davis_frame(tmp_path):
     """A 480 x 480 crop of a real DAVIS frame and its mask, at 480 px: the app's centre square and
     the evaluation's square resize both leave the pixels as they are, so the app's Jaccard must be
@@ -434,8 +431,8 @@ def test_app_jaccard_equals_the_evaluation_on_a_square_davis_frame(tmp_path):
     checked against the reference's code)."""
     from hf_dino.evaluation.attention_segmentation import davis_samples, evaluate_attention_segmentation
 
-    frame = np.asarray(Image.open(DAVIS / "JPEGImages" / "480p" / "blackswan" / "00000.jpg"))[:, 187:667]
-    mask = np.asarray(Image.open(DAVIS / "Annotations" / "480p" / "blackswan" / "00000.png"))[:, 187:667]
+    frame = np.asarray(Image.open(conftest.DAVIS / "JPEGImages" / "480p" / "blackswan" / "00000.jpg"))[:, 187:667]
+    mask = np.asarray(Image.open(conftest.DAVIS / "Annotations" / "480p" / "blackswan" / "00000.png"))[:, 187:667]
     root = tmp_path / "davis"
     (root / "JPEGImages" / "480p" / "swan").mkdir(parents=True)
     (root / "Annotations" / "480p" / "swan").mkdir(parents=True)

@@ -14,17 +14,16 @@ What runs for real here and what is simulated:
 
 import json
 import math
-import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from conftest import run_with_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(arch="vit_tiny", num_hidden_layers=1, patch_size=4, global_crop_size=16, local_crop_size=8,
@@ -110,22 +109,6 @@ if spec.get("simulate_fsdp"):
     sys.stdout.flush()
     os._exit(0)
 '''
-
-
-def run_with_timeout(command: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `command` in its own process group; on timeout kill the whole group (launcher and
-    workers) and fail: a hang must not outlive the test."""
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                   **(env or {})}
-    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{' '.join(command[:6])}... still running after {timeout} s (a hang):\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def train(tmp_path: Path, name: str, launcher: list[str], timeout: float = 240, **options) -> dict:

@@ -20,7 +20,7 @@ from hf_dino.evaluation.attention_segmentation import (centre_square, davis_samp
                                                        read_truth)
 from hf_dino.evaluation.video_segmentation import davis_palette
 
-DAVIS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "davis"
+DAVIS = conftest.DAVIS
 needs_davis = pytest.mark.skipif(not (DAVIS / "JPEGImages").is_dir(), reason="no DAVIS sample in ../shared/data/davis")
 
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+import conftest
 from hf_dino.commands.eval_copy_detection import main
 from hf_dino.evaluation.copy_detection import (block_mean_average_precision, fit_whitening, gem,
                                                holidays_average_precision, read_layout)
 
-DAVIS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "davis" / "JPEGImages" / "480p"
+DAVIS = conftest.DAVIS / "JPEGImages" / "480p"
 
 
 def test_gem_against_its_formula():

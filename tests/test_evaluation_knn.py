@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import conftest
+
 from hf_dino.evaluation import knn_class_scores, knn_evaluate, load_metric, topk_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,28 +133,15 @@ def write_labelled_images(folder, sizes: dict[str, int], broken: dict[str, list[
             str(folder / f"{split}.parquet"))
 
 
-def run_two_processes(command: list[str], timeout: float = 300) -> str:
-    """stdout of `command` (two processes), killed with its whole process group on a hang."""
-    import os
-    import subprocess
-
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
-        process.communicate()
-        pytest.fail("the two-process k-NN hung")
-    assert process.returncode == 0, stderr[-3000:]
-    return stdout
+def run_two_processes(command: list[str], timeout: float = 300) -> None:
+    """Run `command` (two processes) under a hard timeout; fail with its stderr if it fails."""
+    completed = conftest.run_with_timeout(command, timeout)
+    assert completed.returncode == 0, completed.stderr[-3000:]
 
 
 @pytest.fixture
 def knn_data_and_model(tmp_path):
     """37 + 23 images (3 undecodable), a tiny ViT, and the one-process k-NN of both."""
-    import conftest
     from hf_dino.data import load_dataset_dict
     from hf_dino.evaluation.knn import knn_evaluate_splits
 

@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+import conftest
 from hf_dino.commands.eval_image_retrieval import main
 from hf_dino.evaluation.retrieval import ThumbnailTransform, multiscale_cls_feature
 from hf_dino.evaluation.revisitop import compute_map, load_ground_truth
 
-DAVIS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "davis" / "JPEGImages" / "480p"
+DAVIS = conftest.DAVIS / "JPEGImages" / "480p"
 SEQUENCES = ("blackswan", "car-shadow")
 JSON_KEYS = {"mAP_E", "mAP_M", "mAP_H", "mP@1_M", "mP@5_M", "mP@10_M", "mP@1_H", "mP@5_H", "mP@10_H"}
 

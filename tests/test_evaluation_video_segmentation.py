@@ -15,7 +15,7 @@ from hf_dino.evaluation.video_segmentation import (DavisInputError, PropagationS
                                                    propagate_labels, read_annotation, reference_interpolation,
                                                    resized_shape, segment_sequence)
 
-DAVIS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "davis"
+DAVIS = conftest.DAVIS
 needs_davis = pytest.mark.skipif(not (DAVIS / "JPEGImages").is_dir(), reason="no DAVIS sample in ../shared/data/davis")
 
 
