@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 import yaml
 from transformers import HfArgumentParser
 
-from .data import FALLBACK_VAL_SPLITS, load_dataset_dict, select_split
+from .data import FALLBACK_VAL_SPLITS, first_examples, load_dataset_dict, select_split
 
 CONFIG_FLAG = "--config"
 
@@ -243,9 +243,9 @@ def load_evaluation_splits(data: DataArguments):
     train_split = select_split(dataset_dict, data.train_split)
     val_split = select_split(dataset_dict, data.val_split, fallbacks=FALLBACK_VAL_SPLITS)
     if data.max_train_samples is not None:
-        train_split = train_split.select(range(min(data.max_train_samples, len(train_split))))
+        train_split = first_examples(train_split, data.max_train_samples)
     if data.max_val_samples is not None:
-        val_split = val_split.select(range(min(data.max_val_samples, len(val_split))))
+        val_split = first_examples(val_split, data.max_val_samples)
     return train_split, val_split
 
 

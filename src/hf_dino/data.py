@@ -71,6 +71,16 @@ def select_split(dataset_dict, split: str, *, fallbacks: tuple[str, ...] = ()) -
                    "choose one with --train_split / --val_split.")
 
 
+def first_examples(split, count: int):
+    """The first `count` examples of a split: a 🤗 `Dataset` (all of them when it holds fewer) or a
+    streamed `IterableDataset` (read lazily)."""
+    import datasets
+
+    if isinstance(split, datasets.IterableDataset):
+        return split.take(count)
+    return split.select(range(min(count, len(split))))
+
+
 def prepare_image_column(dataset, image_column: str):
     """Turn off 🤗 datasets' decoding of `image_column` so that bad images can be skipped here."""
     features = dataset.features

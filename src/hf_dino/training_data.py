@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from .data import (MultiCropDataset, StreamingMultiCropDataset, collate_multicrop, load_dataset_dict, select_split,
-                   streamed_split_length)
+from .data import (MultiCropDataset, StreamingMultiCropDataset, collate_multicrop, first_examples, load_dataset_dict,
+                   select_split, streamed_split_length)
 from .recipe import DinoRecipe
 from .transforms import MultiCropAugmentation
 
@@ -47,7 +47,7 @@ def build_training_data(recipe: DinoRecipe, accelerator) -> TrainingData:
     if recipe.streaming:
         num_examples = streamed_split_length(train_split)
         if recipe.max_train_samples is not None:
-            train_split = train_split.take(recipe.max_train_samples)
+            train_split = first_examples(train_split, recipe.max_train_samples)
             num_examples = min(num_examples or recipe.max_train_samples, recipe.max_train_samples)
         if num_examples is None:
             raise ValueError("The streamed split does not declare its length, so an epoch is undefined: "
@@ -64,7 +64,7 @@ def build_training_data(recipe: DinoRecipe, accelerator) -> TrainingData:
         batches_per_epoch = num_examples // accelerator.num_processes // recipe.batch_size_per_device
     else:
         if recipe.max_train_samples is not None:
-            train_split = train_split.select(range(min(recipe.max_train_samples, len(train_split))))
+            train_split = first_examples(train_split, recipe.max_train_samples)
         train_dataset = MultiCropDataset(train_split, augmentation, recipe.image_column, seed=recipe.seed,
                                          max_pixels=recipe.max_image_pixels)
         dataloader = torch.utils.data.DataLoader(train_dataset, shuffle=True,

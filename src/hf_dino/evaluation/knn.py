@@ -149,13 +149,12 @@ def knn_evaluate_splits(model: nn.Module, train_split, val_split, *, crop_size: 
     `feature` (with `n_last_blocks`): the readout (`features.knn_feature_fn`), "cls" as the paper."""
     import datasets
 
-    from ..data import LabelledImageDataset, collate_labelled
+    from ..data import LabelledImageDataset, collate_labelled, first_examples
     from ..distributed import gather_counts
     from ..transforms import evaluation_transform
 
     if max_train_samples is not None:
-        train_split = (train_split.take(max_train_samples) if isinstance(train_split, datasets.IterableDataset)
-                       else train_split.select(range(min(max_train_samples, len(train_split)))))
+        train_split = first_examples(train_split, max_train_samples)
     transform = evaluation_transform(crop_size, resize_ratio)
     feature_fn = knn_feature_fn(feature, n_last_blocks, model)
     num_processes = accelerator.num_processes if accelerator is not None else 1
